@@ -1,0 +1,140 @@
+//! What an audit record holds.
+
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use crate::sql::ObjectRef;
+
+/// Who is asking. Fields the gateway cannot vouch for are named as claims.
+#[derive(Debug, Clone, Serialize)]
+pub struct Actor {
+    /// The `user` the client sent at startup: a claim unless `auth` verified it.
+    pub user: String,
+    /// How the gateway checked the client: `trust` or `scram-sha-256`.
+    pub auth: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub application_name: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Source {
+    pub addr: String,
+    pub tls: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Target {
+    pub addr: String,
+    pub database: String,
+    pub user: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backend_pid: Option<i32>,
+}
+
+/// The parts every record of one session repeats.
+#[derive(Debug, Clone, Serialize)]
+pub struct SessionInfo {
+    pub session: String,
+    pub actor: Actor,
+    pub source: Source,
+    pub target: Target,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StatementRecord {
+    /// `simple`, `extended` or `function_call`.
+    pub protocol: &'static str,
+    /// The statement with literals replaced by `$n`; absent when it did not
+    /// parse (its raw text could hold anything).
+    pub text: Option<String>,
+    pub fingerprint: Option<String>,
+    pub kinds: Vec<&'static str>,
+    pub objects: Vec<ObjectRef>,
+    pub functions: Vec<String>,
+    /// Length in bytes of the text the client sent for this statement.
+    pub bytes: usize,
+    /// The prepared statement name, in the extended protocol.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prepared: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DecisionRecord {
+    pub action: crate::policy::Action,
+    pub rule: &'static str,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Outcome {
+    /// `ok`, `error`, `denied`, `suspended` (Execute hit its row limit),
+    /// `skipped` (not run because an earlier message of its batch failed),
+    /// or `unknown` (the connection ended first).
+    pub status: &'static str,
+    pub sqlstate: Option<String>,
+    pub rows: Option<u64>,
+    pub duration_us: u64,
+}
+
+/// One line of the audit trail, before it is numbered.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub ts: String,
+    pub event: &'static str,
+    pub session: Arc<SessionInfo>,
+    pub body: RecordBody,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+pub enum RecordBody {
+    Empty {},
+    Statement {
+        statement: StatementRecord,
+        decision: DecisionRecord,
+        outcome: Outcome,
+    },
+    SessionEnd {
+        statements: u64,
+        duration_us: u64,
+        reason: String,
+    },
+    SessionRefused {
+        reason: String,
+    },
+}
+
+impl Record {
+    pub fn new(event: &'static str, session: Arc<SessionInfo>, body: RecordBody) -> Self {
+        Self {
+            ts: now_rfc3339(),
+            event,
+            session,
+            body,
+        }
+    }
+}
+
+/// Serialised shape of a line: fixed fields first, then the event's own.
+#[derive(Serialize)]
+pub(super) struct Line<'a> {
+    pub v: u32,
+    pub ts: &'a str,
+    pub seq: u64,
+    pub event: &'a str,
+    #[serde(flatten)]
+    pub session: &'a SessionInfo,
+    #[serde(flatten)]
+    pub body: &'a RecordBody,
+}
+
+const RFC3339_MICROS: &[time::format_description::BorrowedFormatItem<'static>] = time::macros::format_description!(
+    "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z"
+);
+
+/// The current time in RFC 3339, UTC, with microseconds.
+pub fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(RFC3339_MICROS)
+        .unwrap_or_else(|_| String::from("1970-01-01T00:00:00.000000Z"))
+}

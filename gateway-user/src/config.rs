@@ -1,0 +1,284 @@
+//! Settings of `agentgate run`: command-line flags over a YAML file over
+//! defaults.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::audit::AuditTarget;
+
+pub const DEFAULT_LISTEN_IP: [u8; 4] = [127, 0, 0, 1];
+pub const DEFAULT_MAX_FRAME_BYTES: usize = 64 * 1024 * 1024;
+pub const UPSTREAM_PASSWORD_ENV: &str = "AGENTGATE_UPSTREAM_PASSWORD";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpstreamTls {
+    /// Plain TCP to the database.
+    #[default]
+    Disable,
+    /// TLS, without checking the server's certificate (like libpq's `require`).
+    Require,
+    /// TLS, the certificate checked against --upstream-ca and the host name.
+    VerifyFull,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum ClientAuthMode {
+    /// Accept any client that reaches the listener (interception vouches for it).
+    #[default]
+    Trust,
+    /// Agents prove a secret from the config file by SCRAM-SHA-256.
+    Password,
+}
+
+/// Flags of `agentgate run`. Every one may also be set in `--config`.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct RunArgs {
+    /// YAML file with the same settings as the flags (flags win).
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// Address to accept PostgreSQL clients on [default: 127.0.0.1:15432].
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+    /// The database server to relay to.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub upstream: Option<String>,
+    /// The role the gateway logs in upstream as (agents never see its secret).
+    #[arg(long, value_name = "NAME")]
+    pub upstream_user: Option<String>,
+    /// File holding the upstream password (or set AGENTGATE_UPSTREAM_PASSWORD).
+    #[arg(long, value_name = "PATH")]
+    pub upstream_password_file: Option<PathBuf>,
+    /// TLS to the database [default: disable].
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub upstream_tls: Option<UpstreamTls>,
+    /// CA certificate(s), PEM, that sign the database's certificate (verify-full).
+    #[arg(long, value_name = "PATH")]
+    pub upstream_ca: Option<PathBuf>,
+    /// Certificate chain, PEM, offered to clients that ask for TLS.
+    #[arg(long, value_name = "PATH", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key, PEM, for --tls-cert.
+    #[arg(long, value_name = "PATH", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// How clients authenticate to the gateway [default: trust].
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub client_auth: Option<ClientAuthMode>,
+    /// Policy file, or a directory of policy files.
+    #[arg(long, value_name = "PATH")]
+    pub policy: Option<PathBuf>,
+    /// Where audit records go: `-` for stdout, or a file to append to [default: -].
+    #[arg(long, value_name = "-|PATH")]
+    pub audit: Option<String>,
+    /// Largest client message accepted, in bytes [default: 67108864].
+    #[arg(long, value_name = "BYTES")]
+    pub max_frame_bytes: Option<usize>,
+}
+
+/// An agent allowed to log in with `--client-auth password`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentEntry {
+    pub name: String,
+    /// File holding the agent's secret (not a database password).
+    pub password_file: Option<PathBuf>,
+    /// A SCRAM-SHA-256 verifier as PostgreSQL stores it
+    /// (`SCRAM-SHA-256$<iter>:<salt>$<StoredKey>:<ServerKey>`).
+    pub scram_verifier: Option<String>,
+}
+
+/// The YAML config file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub listen: Option<SocketAddr>,
+    pub upstream: Option<String>,
+    pub upstream_user: Option<String>,
+    pub upstream_password_file: Option<PathBuf>,
+    pub upstream_tls: Option<UpstreamTls>,
+    pub upstream_ca: Option<PathBuf>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub client_auth: Option<ClientAuthMode>,
+    #[serde(default)]
+    pub agents: Vec<AgentEntry>,
+    pub policy: Option<PathBuf>,
+    pub audit: Option<String>,
+    pub max_frame_bytes: Option<usize>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {what} {path}: {source}")]
+    Read {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+    #[error("{0}")]
+    Missing(&'static str),
+    #[error("{0}")]
+    Conflict(String),
+}
+
+/// Everything `run` needs, resolved and checked.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub listen: SocketAddr,
+    pub upstream: String,
+    pub upstream_user: String,
+    pub upstream_password: Option<String>,
+    pub upstream_tls: UpstreamTls,
+    pub upstream_ca: Option<PathBuf>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub client_auth: ClientAuthMode,
+    pub agents: Vec<AgentEntry>,
+    pub policy: Option<PathBuf>,
+    pub audit: AuditTarget,
+    pub max_frame_bytes: usize,
+}
+
+pub fn read_secret(what: &'static str, path: &Path) -> Result<String, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        what,
+        path: path.to_owned(),
+        source,
+    })?;
+    Ok(text.trim_end_matches(['\n', '\r']).to_owned())
+}
+
+impl Settings {
+    /// Flags over the file over defaults; `env_password` is the value of
+    /// AGENTGATE_UPSTREAM_PASSWORD, if set.
+    pub fn resolve(args: RunArgs, env_password: Option<String>) -> Result<Self, ConfigError> {
+        let file = match &args.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    what: "config file",
+                    path: path.clone(),
+                    source,
+                })?;
+                serde_yaml_ng::from_str::<FileConfig>(&text).map_err(|e| ConfigError::Invalid {
+                    path: path.clone(),
+                    message: e.to_string(),
+                })?
+            }
+            None => FileConfig::default(),
+        };
+        let upstream = args.upstream.or(file.upstream).ok_or(ConfigError::Missing(
+            "no upstream database: give --upstream HOST:PORT or `upstream:` in the config file",
+        ))?;
+        if !upstream.contains(':') {
+            return Err(ConfigError::Conflict(format!(
+                "upstream {upstream:?} must be HOST:PORT"
+            )));
+        }
+        let upstream_user = args
+            .upstream_user
+            .or(file.upstream_user)
+            .ok_or(ConfigError::Missing(
+            "no upstream user: give --upstream-user NAME or `upstream_user:` in the config file",
+        ))?;
+        let upstream_password = match args.upstream_password_file.or(file.upstream_password_file) {
+            Some(path) => Some(read_secret("upstream password file", &path)?),
+            None => env_password,
+        };
+        let upstream_tls = args.upstream_tls.or(file.upstream_tls).unwrap_or_default();
+        let upstream_ca = args.upstream_ca.or(file.upstream_ca);
+        if upstream_tls == UpstreamTls::VerifyFull && upstream_ca.is_none() {
+            return Err(ConfigError::Missing(
+                "--upstream-tls verify-full needs --upstream-ca PATH",
+            ));
+        }
+        let tls_cert = args.tls_cert.or(file.tls_cert);
+        let tls_key = args.tls_key.or(file.tls_key);
+        if tls_cert.is_some() != tls_key.is_some() {
+            return Err(ConfigError::Missing("--tls-cert and --tls-key go together"));
+        }
+        let client_auth = args.client_auth.or(file.client_auth).unwrap_or_default();
+        if client_auth == ClientAuthMode::Password && file.agents.is_empty() {
+            return Err(ConfigError::Missing(
+                "--client-auth password needs `agents:` with their secrets in the config file",
+            ));
+        }
+        for agent in &file.agents {
+            if agent.password_file.is_some() == agent.scram_verifier.is_some() {
+                return Err(ConfigError::Conflict(format!(
+                    "agent {:?}: give exactly one of password_file and scram_verifier",
+                    agent.name
+                )));
+            }
+        }
+        Ok(Self {
+            listen: args.listen.or(file.listen).unwrap_or(SocketAddr::from((
+                DEFAULT_LISTEN_IP,
+                gateway_common::GATEWAY_PORT,
+            ))),
+            upstream,
+            upstream_user,
+            upstream_password,
+            upstream_tls,
+            upstream_ca,
+            tls_cert,
+            tls_key,
+            client_auth,
+            agents: file.agents,
+            policy: args.policy.or(file.policy),
+            audit: AuditTarget::parse(args.audit.or(file.audit).as_deref().unwrap_or("-")),
+            max_frame_bytes: args
+                .max_frame_bytes
+                .or(file.max_frame_bytes)
+                .unwrap_or(DEFAULT_MAX_FRAME_BYTES),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_win_over_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.yaml");
+        std::fs::write(
+            &path,
+            "upstream: db:5432\nupstream_user: file_user\nlisten: 127.0.0.1:1\n",
+        )
+        .unwrap();
+        let args = RunArgs {
+            config: Some(path),
+            upstream_user: Some("flag_user".into()),
+            ..Default::default()
+        };
+        let s = Settings::resolve(args, None).unwrap();
+        assert_eq!(s.upstream, "db:5432");
+        assert_eq!(s.upstream_user, "flag_user");
+        assert_eq!(s.listen.port(), 1);
+        assert_eq!(s.audit, AuditTarget::Stdout);
+    }
+
+    #[test]
+    fn unknown_keys_and_missing_pieces_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.yaml");
+        std::fs::write(&path, "upstreem: db:5432\n").unwrap();
+        let err = Settings::resolve(
+            RunArgs {
+                config: Some(path),
+                ..Default::default()
+            },
+            None,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("upstreem"), "{err}");
+        let err = Settings::resolve(RunArgs::default(), None).unwrap_err();
+        assert!(err.to_string().contains("--upstream"), "{err}");
+    }
+}

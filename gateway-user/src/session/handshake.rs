@@ -1,0 +1,439 @@
+//! From accept() to a logged-in relay: TLS, startup, client authentication,
+//! upstream login, then the relay, then the session's last audit record.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::BytesMut;
+use rand::RngCore;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::client_auth::{ScramServer, Verifier};
+use super::relay::{End, Relay};
+use super::stream::{read_frame, ClientConn, Conn};
+use super::upstream::{self, UpstreamError};
+use super::{CancelTarget, ClientAuth, Shared};
+use crate::audit::{Actor, Record, RecordBody, SessionInfo, Source, Target};
+use crate::wire::backend::{self, INSUFFICIENT_PRIVILEGE};
+use crate::wire::startup::{self, Startup, StartupPacket, MAX_STARTUP_LEN};
+use crate::wire::{frontend as fe, Cursor, DecodeError, Frame, FrameSplitter};
+
+const PROTOCOL_VIOLATION: &str = "08P01";
+const INVALID_PASSWORD: &str = "28P01";
+const INVALID_AUTHORIZATION: &str = "28000";
+const CANNOT_CONNECT: &str = "08001";
+const REJECTED_CONNECTION: &str = "08004";
+
+#[derive(Debug, thiserror::Error)]
+enum StartupError {
+    #[error("client closed the connection during startup")]
+    Closed,
+    #[error("startup I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("invalid startup packet: {0}")]
+    Invalid(String),
+    #[error("TLS handshake with the client failed: {0}")]
+    Tls(std::io::Error),
+}
+
+impl From<DecodeError> for StartupError {
+    fn from(e: DecodeError) -> Self {
+        StartupError::Invalid(e.to_string())
+    }
+}
+
+fn session_id() -> String {
+    let mut id = [0u8; 8];
+    rand::thread_rng().fill_bytes(&mut id);
+    id.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub async fn handle(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+    let _ = tcp.set_nodelay(true);
+    let (mut client, startup) = match negotiate(tcp, &shared).await {
+        Ok(Some(c)) => c,
+        Ok(None) => return,
+        Err(StartupError::Closed) => return,
+        Err(e) => {
+            tracing::info!(%peer, error = %e, "client startup failed");
+            return;
+        }
+    };
+    let user = startup.get("user").unwrap_or_default().to_owned();
+    let database = startup
+        .get("database")
+        .filter(|d| !d.is_empty())
+        .unwrap_or(&user)
+        .to_owned();
+    let mut info = SessionInfo {
+        session: session_id(),
+        actor: Actor {
+            user: user.clone(),
+            auth: match shared.client_auth {
+                ClientAuth::Trust => "trust",
+                ClientAuth::Scram(_) => "scram-sha-256",
+            },
+            application_name: startup.get("application_name").map(str::to_owned),
+        },
+        source: Source {
+            addr: peer.to_string(),
+            tls: client.is_tls(),
+        },
+        target: Target {
+            addr: shared.upstream.addr.clone(),
+            database: database.clone(),
+            user: shared.upstream.user.clone(),
+            backend_pid: None,
+        },
+    };
+
+    if let Some(refusal) = refuse(&startup, &shared) {
+        let (code, message) = refusal;
+        fatal(&mut client, code, &message).await;
+        refused(&shared, info, message).await;
+        return;
+    }
+
+    let mut buf = BytesMut::with_capacity(8192);
+    if let ClientAuth::Scram(agents) = &shared.client_auth {
+        let verifier = agents
+            .verifier(&user)
+            .cloned()
+            .unwrap_or_else(Verifier::impossible);
+        if let Err(reason) = scram_exchange(&mut client, &mut buf, verifier).await {
+            let message = format!("password authentication failed for user \"{user}\"");
+            fatal(&mut client, INVALID_PASSWORD, &message).await;
+            refused(
+                &shared,
+                info,
+                format!("client authentication failed: {reason}"),
+            )
+            .await;
+            return;
+        }
+    }
+
+    // Everything the client asked for goes upstream, but the gateway logs in
+    // as itself.
+    let mut params: Vec<(&str, &str)> = vec![
+        ("user", shared.upstream.user.as_str()),
+        ("database", database.as_str()),
+    ];
+    params.extend(
+        startup
+            .params
+            .iter()
+            .filter(|(k, _)| !matches!(k.as_str(), "user" | "database" | "replication"))
+            .map(|(k, v)| (k.as_str(), v.as_str())),
+    );
+    let up = match upstream::connect(&shared.upstream, startup.version, &params).await {
+        Ok(u) => u,
+        Err(e) => {
+            tracing::warn!(session = %info.session, error = %e, "upstream login failed");
+            match (&e, e.is_credentials()) {
+                (UpstreamError::Server { frame, .. }, false) => {
+                    let _ = client.write_all(frame.as_bytes()).await;
+                }
+                (_, true) => {
+                    fatal(
+                        &mut client,
+                        REJECTED_CONNECTION,
+                        "agentgate: the database refused the gateway's credentials",
+                    )
+                    .await
+                }
+                _ => {
+                    fatal(
+                        &mut client,
+                        CANNOT_CONNECT,
+                        &format!("agentgate: cannot reach the database: {e}"),
+                    )
+                    .await
+                }
+            }
+            refused(&shared, info, format!("upstream: {e}")).await;
+            return;
+        }
+    };
+
+    let minted = shared.cancel.register(CancelTarget {
+        addr: shared.upstream.addr.clone(),
+        pid: up.pid,
+        key: up.key,
+    });
+    info.target.backend_pid = Some(up.pid);
+    let info = Arc::new(info);
+    let started = Instant::now();
+    let mut hello = BytesMut::new();
+    backend::put_frame(&mut hello, &backend::authentication_ok());
+    for f in &up.greeting {
+        backend::put_frame(&mut hello, f);
+    }
+    backend::put_frame(&mut hello, &backend::backend_key_data(up.pid, minted));
+    backend::put_frame(&mut hello, &up.ready);
+    let _ = shared
+        .audit
+        .emit(Record::new(
+            "session.start",
+            Arc::clone(&info),
+            RecordBody::Empty {},
+        ))
+        .await;
+
+    let end = if let Err(e) = async {
+        client.write_all(&hello).await?;
+        client.flush().await
+    }
+    .await
+    {
+        End::Io(format!("writing to the client: {e}"))
+    } else {
+        let relay = Relay::new(Arc::clone(&shared), Arc::clone(&info));
+        let (mut cr, mut cw) = tokio::io::split(client);
+        let (mut ur, mut uw) = tokio::io::split(up.conn);
+        let end = tokio::select! {
+            end = relay.frontend(&mut cr, &mut uw, buf) => end,
+            end = relay.backend(&mut ur, &mut cw, up.buf) => end,
+        };
+        if let End::Malformed(m) = &end {
+            let msg = format!("agentgate: invalid frontend message: {m}");
+            let _ = cw
+                .write_all(backend::error_response("FATAL", PROTOCOL_VIOLATION, &msg).as_bytes())
+                .await;
+            let _ = cw.flush().await;
+        }
+        if matches!(end, End::ClientGone | End::Malformed(_) | End::Io(_)) {
+            // Say goodbye upstream so the backend ends at once.
+            let _ = uw.write_all(fe::terminate().as_bytes()).await;
+        }
+        relay.abandon().await;
+        tracing::debug!(session = %info.session, reason = %end.describe(), "session ended");
+        let statements = relay.statements_audited();
+        shared.cancel.unregister(up.pid, minted);
+        emit_end(&shared, &info, statements, started, end.describe()).await;
+        return;
+    };
+    shared.cancel.unregister(up.pid, minted);
+    emit_end(&shared, &info, 0, started, end.describe()).await;
+}
+
+async fn emit_end(
+    shared: &Shared,
+    info: &Arc<SessionInfo>,
+    statements: u64,
+    started: Instant,
+    reason: String,
+) {
+    let _ = shared
+        .audit
+        .emit(Record::new(
+            "session.end",
+            Arc::clone(info),
+            RecordBody::SessionEnd {
+                statements,
+                duration_us: started.elapsed().as_micros() as u64,
+                reason,
+            },
+        ))
+        .await;
+}
+
+async fn refused(shared: &Shared, info: SessionInfo, reason: String) {
+    let _ = shared
+        .audit
+        .emit(Record::new(
+            "session.refused",
+            Arc::new(info),
+            RecordBody::SessionRefused { reason },
+        ))
+        .await;
+}
+
+/// Startup parameters the gateway refuses outright.
+fn refuse(startup: &Startup, shared: &Shared) -> Option<(&'static str, String)> {
+    if startup.get("user").is_none_or(str::is_empty) {
+        return Some((
+            INVALID_AUTHORIZATION,
+            "no PostgreSQL user name specified in startup packet".into(),
+        ));
+    }
+    if let Some(v) = startup.get("replication") {
+        if !matches!(
+            v.to_ascii_lowercase().as_str(),
+            "false" | "off" | "no" | "0"
+        ) {
+            let d = shared.policy.decide_replication();
+            return Some((INSUFFICIENT_PRIVILEGE, d.client_message()));
+        }
+    }
+    None
+}
+
+async fn fatal<W: AsyncWrite + Unpin>(w: &mut W, code: &str, message: &str) {
+    let _ = w
+        .write_all(backend::error_response("FATAL", code, message).as_bytes())
+        .await;
+    let _ = w.flush().await;
+}
+
+/// Reads one untagged startup-phase packet.
+async fn read_startup<R: AsyncRead + Unpin>(r: &mut R) -> Result<StartupPacket, StartupError> {
+    let mut len = [0u8; 4];
+    match r.read_exact(&mut len).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            return Err(StartupError::Closed)
+        }
+        Err(e) => return Err(e.into()),
+    }
+    let len = i32::from_be_bytes(len);
+    let len = usize::try_from(len)
+        .ok()
+        .filter(|l| (8..=MAX_STARTUP_LEN).contains(l))
+        .ok_or_else(|| StartupError::Invalid(format!("length {len}")))?;
+    let mut body = vec![0u8; len - 4];
+    r.read_exact(&mut body).await?;
+    Ok(startup::decode(&body)?)
+}
+
+/// SSL/GSS negotiation and the startup packet. `None` when the connection
+/// was a cancel request.
+async fn negotiate(
+    mut tcp: TcpStream,
+    shared: &Shared,
+) -> Result<Option<(ClientConn, Startup)>, StartupError> {
+    let mut ssl_done = false;
+    let mut gss_done = false;
+    loop {
+        let packet = match read_startup(&mut tcp).await {
+            Ok(p) => p,
+            Err(StartupError::Invalid(m)) => {
+                fatal(
+                    &mut tcp,
+                    PROTOCOL_VIOLATION,
+                    &format!("agentgate: invalid startup packet: {m}"),
+                )
+                .await;
+                return Err(StartupError::Invalid(m));
+            }
+            Err(e) => return Err(e),
+        };
+        match packet {
+            StartupPacket::SslRequest if !ssl_done => {
+                ssl_done = true;
+                if let Some(acceptor) = &shared.client_tls {
+                    tcp.write_all(b"S").await?;
+                    let tls = acceptor.accept(tcp).await.map_err(StartupError::Tls)?;
+                    let mut conn = Conn::Tls(Box::new(tls));
+                    return match read_startup(&mut conn).await? {
+                        StartupPacket::Startup(s) => Ok(Some((conn, s))),
+                        _ => Err(StartupError::Invalid(
+                            "expected a startup message after TLS".into(),
+                        )),
+                    };
+                }
+                tcp.write_all(b"N").await?;
+            }
+            StartupPacket::GssEncRequest if !gss_done => {
+                gss_done = true;
+                tcp.write_all(b"N").await?;
+            }
+            StartupPacket::Cancel { pid, key } => {
+                cancel(shared, pid, key).await;
+                return Ok(None);
+            }
+            StartupPacket::Startup(s) => return Ok(Some((Conn::Plain(tcp), s))),
+            _ => {
+                let m = "encryption was already negotiated";
+                fatal(&mut tcp, PROTOCOL_VIOLATION, m).await;
+                return Err(StartupError::Invalid(m.into()));
+            }
+        }
+    }
+}
+
+async fn cancel(shared: &Shared, pid: i32, key: i32) {
+    // As in PostgreSQL, a cancel request gets no answer either way.
+    match shared.cancel.lookup(pid, key) {
+        Some(t) => {
+            if let Err(e) =
+                upstream::cancel(&t.addr, t.pid, t.key, shared.upstream.connect_timeout).await
+            {
+                tracing::warn!(pid, error = %e, "forwarding cancel request failed");
+            }
+        }
+        None => tracing::info!(pid, "cancel request with an unknown key ignored"),
+    }
+}
+
+const SASL_CONTINUE: i32 = 11;
+const SASL_FINAL: i32 = 12;
+const SASL: i32 = 10;
+
+/// The server side of SCRAM-SHA-256 with the client.
+async fn scram_exchange(
+    client: &mut ClientConn,
+    buf: &mut BytesMut,
+    verifier: Verifier,
+) -> Result<(), String> {
+    let splitter = FrameSplitter::new(MAX_STARTUP_LEN);
+    let send = |f: Frame| f.into_buf();
+    let mut mechanisms = Vec::from(&b"SCRAM-SHA-256\0\0"[..]);
+    client
+        .write_all(&send(backend::authentication(SASL, &mechanisms)))
+        .await
+        .map_err(|e| e.to_string())?;
+    mechanisms.clear();
+    let first = expect_password(client, buf, splitter).await?;
+    let client_first = {
+        let mut c = Cursor::new(fe::PASSWORD, first.body());
+        let mech = c.cstr().map_err(|e| e.to_string())?;
+        if mech != "SCRAM-SHA-256" {
+            return Err(format!("unsupported mechanism {mech:?}"));
+        }
+        let len = c.i32().map_err(|e| e.to_string())?;
+        let data = c.bytes(usize::try_from(len).map_err(|_| "no initial response")?);
+        let data = data.map_err(|e| e.to_string())?.to_vec();
+        c.finish().map_err(|e| e.to_string())?;
+        data
+    };
+    let (server, server_first) =
+        ScramServer::start(verifier, &client_first).map_err(|e| e.to_string())?;
+    client
+        .write_all(&send(backend::authentication(
+            SASL_CONTINUE,
+            server_first.as_bytes(),
+        )))
+        .await
+        .map_err(|e| e.to_string())?;
+    let last = expect_password(client, buf, splitter).await?;
+    let server_final = server.finish(last.body()).map_err(|e| e.to_string())?;
+    client
+        .write_all(&send(backend::authentication(
+            SASL_FINAL,
+            server_final.as_bytes(),
+        )))
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+async fn expect_password(
+    client: &mut ClientConn,
+    buf: &mut BytesMut,
+    splitter: FrameSplitter,
+) -> Result<Frame, String> {
+    client.flush().await.map_err(|e| e.to_string())?;
+    let f = read_frame(client, buf, splitter)
+        .await
+        .map_err(|e| e.to_string())?;
+    if f.tag() != fe::PASSWORD {
+        return Err(format!(
+            "expected a password message, got '{}'",
+            f.tag().escape_ascii()
+        ));
+    }
+    Ok(f)
+}

@@ -1,0 +1,60 @@
+//! One task per client: TLS, startup, authentication, upstream login, relay.
+
+mod cancel;
+mod client_auth;
+mod handshake;
+mod relay;
+mod stream;
+pub mod tls;
+mod tracker;
+pub mod upstream;
+
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+
+use crate::audit::AuditSink;
+use crate::policy::Policy;
+use crate::sql::AnalysisCache;
+
+pub use cancel::{CancelRegistry, CancelTarget};
+pub use client_auth::{AgentRegistry, ScramServer, Verifier};
+pub use upstream::UpstreamSettings;
+
+/// How clients prove who they are.
+#[derive(Clone)]
+pub enum ClientAuth {
+    Trust,
+    Scram(AgentRegistry),
+}
+
+/// What every session shares.
+pub struct Shared {
+    pub policy: Policy,
+    pub cache: AnalysisCache,
+    pub audit: AuditSink,
+    pub cancel: CancelRegistry,
+    pub upstream: UpstreamSettings,
+    pub client_tls: Option<tokio_rustls::TlsAcceptor>,
+    pub client_auth: ClientAuth,
+    pub max_frame_bytes: usize,
+}
+
+/// Accepts clients until the task is dropped.
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>) -> std::io::Result<()> {
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                // Running out of file descriptors must not end the gateway.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let shared = Arc::clone(&shared);
+        tokio::spawn(async move {
+            handshake::handle(tcp, peer, shared).await;
+        });
+    }
+}

@@ -1,0 +1,196 @@
+//! Statement analysis: SQL text in, facts out.
+//!
+//! The text is parsed by PostgreSQL's own grammar (libpg_query through the
+//! `pg_query` crate), so the gateway splits and reads statements exactly as
+//! the server will. Nothing here decides anything; `policy` does.
+
+mod cache;
+mod kind;
+
+use std::collections::BTreeSet;
+
+use pg_query::{protobuf, NodeRef};
+use serde::Serialize;
+
+pub use cache::AnalysisCache;
+pub use kind::statement_kind;
+
+/// What the gateway learnt from one query string (one simple Query, or the
+/// text of one Parse).
+#[derive(Debug, Clone)]
+pub struct Analysis {
+    /// One entry per statement, in execution order. Empty when the text holds
+    /// no statement (empty string, only comments or semicolons).
+    pub statements: Vec<StatementFacts>,
+    /// Set when the text does not parse. The message may quote the client's
+    /// text, so it goes to the client only, never to the audit.
+    pub parse_error: Option<String>,
+}
+
+/// A table or view a statement touches, and how.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct ObjectRef {
+    pub name: String,
+    pub access: Access,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Access {
+    Read,
+    Write,
+    Ddl,
+}
+
+/// Facts about one statement.
+#[derive(Debug, Clone, Serialize)]
+pub struct StatementFacts {
+    /// The statement with every literal replaced by `$n`: safe to audit.
+    pub text: String,
+    /// libpg_query's fingerprint: equal for statements that differ only in
+    /// literals.
+    pub fingerprint: String,
+    /// The top-level kind first, then the kinds of statements nested in it
+    /// (EXPLAIN, PREPARE, CTEs, COPY (query), DECLARE CURSOR).
+    pub kinds: Vec<&'static str>,
+    pub objects: Vec<ObjectRef>,
+    pub functions: Vec<String>,
+    /// True when an UPDATE or DELETE anywhere in the statement has no WHERE.
+    pub unfiltered_write: bool,
+}
+
+/// Parses `text` and returns its facts. Never panics on any input.
+pub fn analyze(text: &str) -> Analysis {
+    let parsed = match pg_query::parse(text, pg_query::ParserOptions::DEFAULT) {
+        Ok(p) => p,
+        Err(e) => {
+            return Analysis {
+                statements: Vec::new(),
+                parse_error: Some(e.to_string()),
+            }
+        }
+    };
+    let mut statements = Vec::with_capacity(parsed.protobuf.stmts.len());
+    for raw in &parsed.protobuf.stmts {
+        match statement_facts(text, raw) {
+            Ok(f) => statements.push(f),
+            Err(e) => {
+                return Analysis {
+                    statements: Vec::new(),
+                    parse_error: Some(e),
+                }
+            }
+        }
+    }
+    Analysis {
+        statements,
+        parse_error: None,
+    }
+}
+
+/// The source text of one raw statement: `stmt_len` 0 means "to the end".
+fn statement_text<'a>(text: &'a str, raw: &protobuf::RawStmt) -> Option<&'a str> {
+    let start = usize::try_from(raw.stmt_location).ok()?;
+    let end = match usize::try_from(raw.stmt_len).ok()? {
+        0 => text.len(),
+        n => start.checked_add(n)?,
+    };
+    text.get(start..end)
+}
+
+fn statement_facts(text: &str, raw: &protobuf::RawStmt) -> Result<StatementFacts, String> {
+    let piece = statement_text(text, raw).ok_or("statement bounds fall outside the text")?;
+    let parsed =
+        pg_query::parse(piece, pg_query::ParserOptions::DEFAULT).map_err(|e| e.to_string())?;
+    let normalized = pg_query::normalize(piece).map_err(|e| e.to_string())?;
+    let fingerprint = pg_query::fingerprint(piece, pg_query::ParserOptions::DEFAULT, 0)
+        .map_err(|e| e.to_string())?
+        .hex;
+
+    let top = raw.stmt.as_ref().and_then(|n| n.node.as_ref());
+    let mut kinds = vec![top.map(statement_kind).unwrap_or("unknown")];
+    let mut unfiltered_write = false;
+    for (node, _depth, _context, _) in parsed.protobuf.nodes() {
+        let nested = match node {
+            NodeRef::SelectStmt(_) => "select",
+            NodeRef::InsertStmt(_) => "insert",
+            NodeRef::UpdateStmt(u) => {
+                unfiltered_write |= u.where_clause.is_none();
+                "update"
+            }
+            NodeRef::DeleteStmt(d) => {
+                unfiltered_write |= d.where_clause.is_none();
+                "delete"
+            }
+            NodeRef::MergeStmt(_) => "merge",
+            _ => continue,
+        };
+        if !kinds.contains(&nested) {
+            kinds.push(nested);
+        }
+    }
+
+    let mut objects = BTreeSet::new();
+    for (name, ctx) in &parsed.tables {
+        let access = match ctx {
+            pg_query::Context::Select | pg_query::Context::None => Access::Read,
+            pg_query::Context::DML => Access::Write,
+            pg_query::Context::DDL | pg_query::Context::Call => Access::Ddl,
+        };
+        objects.insert(ObjectRef {
+            name: name.clone(),
+            access,
+        });
+    }
+    let functions: BTreeSet<String> = parsed.functions.iter().map(|(f, _)| f.clone()).collect();
+
+    Ok(StatementFacts {
+        text: normalized,
+        fingerprint,
+        kinds,
+        objects: objects.into_iter().collect(),
+        functions: functions.into_iter().collect(),
+        unfiltered_write,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_statements_like_the_server() {
+        let a = analyze("COPY t FROM STDIN;\nDROP TABLE x;");
+        assert_eq!(a.statements.len(), 2);
+        assert_eq!(a.statements[0].kinds[0], "copy");
+        assert_eq!(a.statements[1].kinds[0], "ddl");
+    }
+
+    #[test]
+    fn literals_never_reach_the_text() {
+        let a = analyze("SELECT * FROM customers WHERE email = 'ada@example.com' AND id = 42");
+        let s = &a.statements[0];
+        assert!(!s.text.contains("ada@example.com"), "{}", s.text);
+        assert!(!s.text.contains("42"), "{}", s.text);
+        assert_eq!(s.objects[0].name, "customers");
+    }
+
+    #[test]
+    fn finds_unfiltered_writes_in_nested_positions() {
+        assert!(analyze("DELETE FROM t").statements[0].unfiltered_write);
+        assert!(!analyze("DELETE FROM t WHERE id = 1").statements[0].unfiltered_write);
+        let cte = analyze("WITH d AS (UPDATE t SET a = 1 RETURNING *) SELECT * FROM d");
+        assert!(cte.statements[0].unfiltered_write);
+        assert!(cte.statements[0].kinds.contains(&"update"));
+    }
+
+    #[test]
+    fn garbage_is_a_parse_error_not_a_panic() {
+        for text in ["SELEC 1", "'", "\u{0}", "SELECT $$", "DO $$ BEGIN"] {
+            let a = analyze(text);
+            assert!(a.parse_error.is_some(), "{text:?} parsed");
+        }
+        assert!(analyze("").statements.is_empty());
+        assert!(analyze(" ; -- nothing").parse_error.is_none());
+    }
+}

@@ -1,0 +1,125 @@
+//! pgbench through the gateway in all three protocol modes: no failed
+//! transaction, and exactly one audit record per statement the database ran.
+
+use std::process::Command;
+
+use agentgate_tests::cluster::{Options, GW_USER, PG_BIN, SUPERUSER};
+use agentgate_tests::{Cluster, Gateway};
+
+/// Statements the server ran for the gateway's role, from its own log
+/// (`log_statement = all` logs each simple statement and each Execute).
+fn statements_executed_by_gateway(db: &Cluster) -> u64 {
+    let log = std::fs::read_to_string(db.dir.path().join("server.log")).unwrap();
+    let simple = format!("[{GW_USER}] LOG:  statement: ");
+    let execute = format!("[{GW_USER}] LOG:  execute ");
+    log.lines()
+        .filter(|l| l.starts_with(&simple) || l.starts_with(&execute))
+        .count() as u64
+}
+
+#[test]
+fn pgbench_all_modes_zero_failures_and_one_record_per_statement() {
+    let db = Cluster::start_with(Options {
+        extra_conf: vec![
+            "log_statement = 'all'".into(),
+            "log_line_prefix = '[%u] '".into(),
+        ],
+        ..Default::default()
+    });
+    let init = Command::new(format!("{PG_BIN}/pgbench"))
+        .args(["-i", "-q", "-s", "1", "-h"])
+        .arg(db.dir.path())
+        .args(["-p", &db.port.to_string(), "-U", SUPERUSER, "postgres"])
+        .output()
+        .unwrap();
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let gw = Gateway::start(&db, &[]);
+
+    for (mode, script) in [
+        ("simple", "tpcb-like"),
+        ("extended", "tpcb-like"),
+        ("prepared", "tpcb-like"),
+        ("prepared", "select-only"),
+    ] {
+        let executed_before = statements_executed_by_gateway(&db);
+        let before = gw
+            .audit()
+            .iter()
+            .filter(|r| r["event"] == "statement")
+            .count();
+        let out = Command::new(format!("{PG_BIN}/pgbench"))
+            .args([
+                "-n", "-c", "8", "-j", "2", "-t", "50", "-M", mode, "-b", script,
+            ])
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &gw.port.to_string(),
+                "-U",
+                "agent_bench",
+                "postgres",
+            ])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "pgbench -M {mode}: {}\n{text}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            text.contains("number of failed transactions: 0 (0.000%)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("number of transactions actually processed: 400/400"),
+            "{text}"
+        );
+        let executed = statements_executed_by_gateway(&db) - executed_before;
+        let per_tx = if script == "select-only" { 1 } else { 7 };
+        assert!(
+            executed >= 400 * per_tx,
+            "{mode}: only {executed} statements ran"
+        );
+        let records = gw.wait_audit(before + executed as usize, |r| r["event"] == "statement");
+        let new: Vec<_> = records[before..].to_vec();
+        assert_eq!(
+            new.len() as u64,
+            executed,
+            "-M {mode} {script}: audit records vs statements executed"
+        );
+        assert!(new.iter().all(|r| r["outcome"]["status"] == "ok"));
+        // pgbench's random ids never reach the audit text: once the `$n`
+        // placeholders are gone, no digit is left.
+        for r in new
+            .iter()
+            .filter(|r| r["statement"]["protocol"] == "simple")
+        {
+            let text = r["statement"]["text"].as_str().unwrap_or_default();
+            assert!(
+                !without_placeholders(text).contains(|c: char| c.is_ascii_digit()),
+                "{text}"
+            );
+        }
+    }
+}
+
+fn without_placeholders(text: &str) -> String {
+    let mut out = String::new();
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '$' {
+            while chars.peek().is_some_and(|d| d.is_ascii_digit()) {
+                chars.next();
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}

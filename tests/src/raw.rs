@@ -54,6 +54,16 @@ pub fn parse(name: &str, sql: &str) -> Vec<u8> {
 
 /// Bind with text parameters and text results.
 pub fn bind(portal: &str, statement: &str, params: &[Option<&str>]) -> Vec<u8> {
+    bind_with_results(portal, statement, params, None)
+}
+
+/// Bind with text parameters; `result_format` 1 asks for binary results.
+pub fn bind_with_results(
+    portal: &str,
+    statement: &str,
+    params: &[Option<&str>],
+    result_format: Option<i16>,
+) -> Vec<u8> {
     let mut b = cstr(portal);
     b.extend(cstr(statement));
     b.extend_from_slice(&0i16.to_be_bytes());
@@ -67,7 +77,13 @@ pub fn bind(portal: &str, statement: &str, params: &[Option<&str>]) -> Vec<u8> {
             None => b.extend_from_slice(&(-1i32).to_be_bytes()),
         }
     }
-    b.extend_from_slice(&0i16.to_be_bytes());
+    match result_format {
+        Some(f) => {
+            b.extend_from_slice(&1i16.to_be_bytes());
+            b.extend_from_slice(&f.to_be_bytes());
+        }
+        None => b.extend_from_slice(&0i16.to_be_bytes()),
+    }
     msg(b'B', &b)
 }
 

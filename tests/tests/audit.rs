@@ -1,0 +1,126 @@
+//! The audit trail: schema of every line, gap-free sequence, no client
+//! literal in statement text, and fail-closed when it cannot be written.
+
+use std::process::Command;
+
+use agentgate_tests::cluster::{GW_PASSWORD, GW_USER};
+use agentgate_tests::{Cluster, Gateway};
+
+#[test]
+fn every_line_has_the_schema_fields_and_no_client_literal() {
+    let db = Cluster::start();
+    db.load_sample();
+    let gw = Gateway::start(&db, &[]);
+    let secrets = [
+        "needle-7731",
+        "4111111111111111",
+        "ada.l@example.org",
+        "900-12-3456",
+    ];
+    let sql = format!(
+        "SELECT name FROM customers WHERE email = '{}' OR card = '{}' OR ssn = E'{}'; \
+         SELECT $${}$$ AS dollar, 987654321 AS n",
+        secrets[2], secrets[1], secrets[3], secrets[0]
+    );
+    let out = Command::new("psql")
+        .args(["-X", "-d", &gw.dsn("agent_audit"), "-c", &sql])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    gw.wait_audit(1, |r| r["event"] == "session.end");
+
+    let lines = gw.audit();
+    let raw = std::fs::read_to_string(gw.dir.path().join("audit.jsonl")).unwrap();
+    for s in secrets.iter().chain(&["987654321"]) {
+        assert!(!raw.contains(s), "literal {s} leaked into the audit");
+    }
+    let mut last_seq = 0;
+    for r in &lines {
+        assert_eq!(r["v"], 1);
+        let ts = r["ts"].as_str().unwrap();
+        assert_eq!(ts.len(), "2026-11-27T08:00:00.000000Z".len(), "{ts}");
+        assert!(ts.ends_with('Z'));
+        let seq = r["seq"].as_u64().unwrap();
+        assert_eq!(seq, last_seq + 1, "seq must be gap-free");
+        last_seq = seq;
+        for field in ["event", "session", "actor", "source", "target"] {
+            assert!(!r[field].is_null(), "{field} missing in {r}");
+        }
+        assert_eq!(r["target"]["user"], GW_USER);
+        assert_eq!(r["actor"]["user"], "agent_audit");
+    }
+    let statements: Vec<_> = lines.iter().filter(|r| r["event"] == "statement").collect();
+    assert_eq!(statements.len(), 2);
+    for s in &statements {
+        for field in ["text", "fingerprint", "kinds", "objects"] {
+            assert!(
+                !s["statement"][field].is_null(),
+                "statement.{field} missing"
+            );
+        }
+        for field in ["action", "rule"] {
+            assert!(!s["decision"][field].is_null(), "decision.{field} missing");
+        }
+        for field in ["status", "rows", "duration_us"] {
+            assert!(!s["outcome"][field].is_null(), "outcome.{field} missing");
+        }
+        assert!(s["outcome"].get("sqlstate").is_some());
+    }
+    assert_eq!(
+        statements[0]["statement"]["objects"][0]["name"],
+        "customers"
+    );
+    assert_eq!(statements[0]["outcome"]["rows"], 1);
+    assert_eq!(
+        lines
+            .iter()
+            .map(|r| r["event"].as_str().unwrap())
+            .collect::<Vec<_>>(),
+        ["session.start", "statement", "statement", "session.end"]
+    );
+}
+
+#[test]
+fn an_unwritable_audit_trail_stops_statements() {
+    let db = Cluster::start();
+    let dir = tempfile::tempdir().unwrap();
+    let pw = dir.path().join("pw");
+    std::fs::write(&pw, GW_PASSWORD).unwrap();
+    // /dev/full fails every write with ENOSPC: a full disk.
+    let port = agentgate_tests::free_port();
+    let stderr = dir.path().join("stderr.log");
+    let mut child = Command::new(agentgate_tests::gateway::binary())
+        .args([
+            "run",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--audit",
+            "/dev/full",
+        ])
+        .args(["--upstream", &db.addr(), "--upstream-user", GW_USER])
+        .arg("--upstream-password-file")
+        .arg(&pw)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&stderr).unwrap())
+        .spawn()
+        .unwrap();
+    assert!(agentgate_tests::cluster::wait_port(port));
+    let dsn = format!("host=127.0.0.1 port={port} user=a dbname=postgres");
+    let denied = agentgate_tests::wait_for(std::time::Duration::from_secs(10), || {
+        let out = Command::new("psql")
+            .args(["-X", "-d", &dsn, "-c", "SELECT 1"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        err.contains("builtin.audit-unavailable").then_some(err)
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(denied.is_some(), "statements still ran with no audit trail");
+    let log = std::fs::read_to_string(&stderr).unwrap();
+    assert!(log.contains("audit write failed"), "{log}");
+}

@@ -16,6 +16,7 @@ use crate::sql::AnalysisCache;
 
 const ANALYSIS_CACHE_ENTRIES: usize = 16 * 1024;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const SHUTDOWN_FLUSH: Duration = Duration::from_secs(10);
 
 /// Checks the settings and builds what sessions share. Fails before
 /// anything listens, so a bad configuration never serves.
@@ -80,10 +81,14 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
         _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
     }
-    shared
-        .audit
-        .flush()
-        .await
-        .context("flushing the audit trail at shutdown")?;
+    // A sink that stays unwritable (a closed pipe) must not hang the
+    // shutdown forever; the operator is told records may be missing.
+    match tokio::time::timeout(SHUTDOWN_FLUSH, shared.audit.flush()).await {
+        Ok(r) => r.context("flushing the audit trail at shutdown")?,
+        Err(_) => anyhow::bail!(
+            "the audit trail could not be written within {}s of shutdown; its last records are lost",
+            SHUTDOWN_FLUSH.as_secs()
+        ),
+    }
     Ok(())
 }

@@ -1,1 +1,114 @@
-fn main() {}
+//! `cargo xtask`: set up a machine, run the tests, run the demo.
+
+mod demo;
+mod setup;
+
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "agentgate project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what a fresh machine lacks (Debian packages, nightly rust-src,
+    /// Python test clients). Safe to run again.
+    Setup,
+    /// Set up, then run formatting and lint checks and every test.
+    Test {
+        /// Skip the setup step.
+        #[arg(long)]
+        no_setup: bool,
+        /// Seconds to fuzz the frame splitter and decoders [default: 60 in CI, else 0].
+        #[arg(long)]
+        fuzz_seconds: Option<u64>,
+    },
+    /// Set up, then run the built-in demo: a throwaway PostgreSQL with sample
+    /// customers, the gateway in front, a scripted agent, audit JSON on stdout.
+    Demo {
+        #[arg(long)]
+        no_setup: bool,
+    },
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().task {
+        Task::Setup => setup::run(),
+        Task::Test {
+            no_setup,
+            fuzz_seconds,
+        } => {
+            if !no_setup {
+                setup::run()?;
+            }
+            test(fuzz_seconds)
+        }
+        Task::Demo { no_setup } => {
+            if !no_setup {
+                setup::run()?;
+            }
+            demo::run()
+        }
+    }
+}
+
+/// The workspace root (xtask lives one level below it).
+pub fn root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(|p| p.to_path_buf())
+        .unwrap_or_else(|| ".".into())
+}
+
+/// Runs a command in the workspace root, failing with its name.
+pub fn exec(cmd: &mut Command) -> Result<()> {
+    let shown = format!("{cmd:?}");
+    eprintln!("xtask: {shown}");
+    let status = cmd
+        .current_dir(root())
+        .status()
+        .with_context(|| format!("cannot start {shown}"))?;
+    if !status.success() {
+        bail!("{shown} failed with {status}");
+    }
+    Ok(())
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+fn test(fuzz_seconds: Option<u64>) -> Result<()> {
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true");
+    exec(cargo().args(["fmt", "--all", "--", "--check"]))?;
+    exec(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    exec(cargo().args(["build", "-p", "gateway-user"]))?;
+    exec(cargo().args(["test", "--workspace", "--", "--test-threads", "2"]))?;
+    let fuzz = fuzz_seconds.unwrap_or(if ci { 60 } else { 0 });
+    if fuzz > 0 {
+        setup::fuzz_tools()?;
+        for target in ["frames", "frontend_messages"] {
+            exec(
+                Command::new("cargo")
+                    .args(["+nightly", "fuzz", "run", target, "--"])
+                    .arg(format!("-max_total_time={}", fuzz / 2))
+                    .current_dir(root().join("fuzz")),
+            )?;
+        }
+    }
+    eprintln!("xtask: all tests passed");
+    Ok(())
+}

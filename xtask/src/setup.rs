@@ -1,0 +1,135 @@
+//! Installing what the build and the tests need, idempotently: each step
+//! checks first and does nothing when the piece is there.
+
+use std::process::Command;
+
+use anyhow::{bail, Result};
+
+use crate::exec;
+
+/// Debian packages: libclang for pg_query's bindgen, the PostgreSQL 15
+/// server and clients the tests start, pgbouncer for the benchmark.
+const DEBIAN_PACKAGES: &[&str] = &[
+    "libclang-dev",
+    "clang",
+    "postgresql-15",
+    "postgresql-client-15",
+    "pgbouncer",
+    "iproute2",
+    "util-linux",
+];
+
+/// Python test clients, pinned.
+const PYTHON_PACKAGES: &[&str] = &["psycopg[binary]==3.3.9", "pytest==9.2.0"];
+
+pub fn run() -> Result<()> {
+    debian()?;
+    nightly()?;
+    python()?;
+    eprintln!("xtask: setup complete");
+    Ok(())
+}
+
+fn installed(pkg: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", pkg])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        .unwrap_or(false)
+}
+
+fn is_root() -> bool {
+    agentgate_tests::is_root()
+}
+
+fn apt(args: &[&str]) -> Result<()> {
+    let mut cmd = if is_root() {
+        Command::new("apt-get")
+    } else {
+        let mut c = Command::new("sudo");
+        c.arg("apt-get");
+        c
+    };
+    cmd.args(args).env("DEBIAN_FRONTEND", "noninteractive");
+    exec(&mut cmd)
+}
+
+fn debian() -> Result<()> {
+    let missing: Vec<&str> = DEBIAN_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !installed(p))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    apt(&["update", "-q"])?;
+    let mut args = vec!["install", "-y", "-q", "--no-install-recommends"];
+    args.extend(&missing);
+    apt(&args)?;
+    // The Debian package starts its own cluster on 5432; the tests start
+    // their own and nothing should listen on the port the probes capture.
+    let _ = Command::new("service")
+        .args(["postgresql", "stop"])
+        .status();
+    Ok(())
+}
+
+fn nightly() -> Result<()> {
+    let has_src = Command::new("rustup")
+        .args(["component", "list", "--installed", "--toolchain", "nightly"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("rust-src"))
+        .unwrap_or(false);
+    if !has_src {
+        exec(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+            "--component",
+            "rust-src",
+        ]))?;
+    }
+    Ok(())
+}
+
+fn python() -> Result<()> {
+    let ok = Command::new("python3")
+        .args([
+            "-c",
+            "import psycopg, pytest; assert psycopg.__version__ == '3.3.9'",
+        ])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if ok {
+        return Ok(());
+    }
+    let mut cmd = Command::new("python3");
+    cmd.args(["-m", "pip", "install", "-q", "--disable-pip-version-check"])
+        .args(PYTHON_PACKAGES);
+    exec(&mut cmd)
+}
+
+/// cargo-fuzz, for the bounded fuzz run in CI.
+pub fn fuzz_tools() -> Result<()> {
+    let have = Command::new("cargo")
+        .args(["fuzz", "--version"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !have {
+        exec(Command::new("cargo").args(["install", "--locked", "cargo-fuzz@0.13.1"]))?;
+    }
+    let ok = Command::new("cargo")
+        .args(["fuzz", "--version"])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !ok {
+        bail!("cargo-fuzz is not usable after installing it");
+    }
+    Ok(())
+}

@@ -28,18 +28,10 @@ pub struct ClusterTls {
     pub ca: PathBuf,
 }
 
+#[derive(Default)]
 pub struct Options {
     pub tls: bool,
     pub extra_conf: Vec<String>,
-}
-
-impl Default for Options {
-    fn default() -> Self {
-        Self {
-            tls: false,
-            extra_conf: vec![],
-        }
-    }
 }
 
 const NOBODY: u32 = 65534;

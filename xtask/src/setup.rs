@@ -121,7 +121,7 @@ pub fn fuzz_tools() -> Result<()> {
         .map(|o| o.status.success())
         .unwrap_or(false);
     if !have {
-        exec(Command::new("cargo").args(["install", "--locked", "cargo-fuzz@0.13.1"]))?;
+        exec(Command::new("cargo").args(["install", "--locked", "cargo-fuzz@0.13.2"]))?;
     }
     let ok = Command::new("cargo")
         .args(["fuzz", "--version"])

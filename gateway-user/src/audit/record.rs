@@ -85,6 +85,9 @@ pub struct Record {
     pub body: RecordBody,
 }
 
+// Most records are statements; the whole record is boxed when queued, so the
+// small variants wasting space costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, Serialize)]
 #[serde(untagged)]
 pub enum RecordBody {

@@ -204,3 +204,24 @@ fn client_vanishing_mid_result_leaves_the_gateway_serving() {
         "the vanished client's query is still running"
     );
 }
+
+#[test]
+fn sql_prepare_is_bindable_and_deallocate_forgets_it() {
+    let db = Cluster::start();
+    let gw = Gateway::start(&db, &[]);
+    let mut c = RawConn::connect(gw.port, "agent");
+    assert_eq!(
+        codes(&c.simple("PREPARE q(int) AS SELECT $1 + 1")),
+        Vec::<String>::new()
+    );
+    let mut batch = raw::bind("", "q", &[Some("41")]);
+    batch.extend(raw::execute("", 0));
+    batch.extend(raw::sync());
+    c.send(&batch);
+    let msgs = c.until_ready();
+    assert_eq!(tags(&msgs), "2DCZ", "{msgs:?}");
+    assert_eq!(&msgs[1].1[6..], b"42");
+    c.simple("DEALLOCATE q");
+    c.send(&batch);
+    assert_eq!(codes(&c.until_ready()), ["42501"]);
+}

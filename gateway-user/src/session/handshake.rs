@@ -327,8 +327,13 @@ async fn negotiate(
                     tcp.write_all(b"S").await?;
                     let tls = acceptor.accept(tcp).await.map_err(StartupError::Tls)?;
                     let mut conn = Conn::Tls(Box::new(tls));
+                    // libpq 17 sends cancel requests over TLS too.
                     return match read_startup(&mut conn).await? {
                         StartupPacket::Startup(s) => Ok(Some((conn, s))),
+                        StartupPacket::Cancel { pid, key } => {
+                            cancel(shared, pid, key).await;
+                            Ok(None)
+                        }
                         _ => Err(StartupError::Invalid(
                             "expected a startup message after TLS".into(),
                         )),

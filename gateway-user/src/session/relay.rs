@@ -13,7 +13,7 @@ use super::tracker::{Completed, Expect, PendingStatement, Tracker, Verdict};
 use super::Shared;
 use crate::audit::{DecisionRecord, Record, RecordBody, SessionInfo, StatementRecord};
 use crate::policy::Decision;
-use crate::sql::Analysis;
+use crate::sql::{Analysis, PreparedEffect};
 use crate::wire::frontend::{self as fe, Target};
 use crate::wire::{backend, DecodeError, Frame, FrameError, FrameSplitter};
 
@@ -63,6 +63,9 @@ impl From<DecodeError> for End {
 #[derive(Debug)]
 struct Prepared {
     analysis: Arc<Analysis>,
+    /// Which statement of the analysis runs (a PREPARE may sit in a
+    /// multi-statement Query).
+    index: usize,
     bytes: usize,
     name: String,
     decision: Decision,
@@ -206,6 +209,7 @@ impl Relay {
                 if !decision.is_allowed() {
                     return Ok(Some(self.deny_simple(pending, &decision, done)));
                 }
+                state.track_sql_prepares(&analysis, text.len(), &decision);
                 Expect::Simple(pending.into())
             }
             fe::PARSE => {
@@ -230,10 +234,12 @@ impl Relay {
                     );
                     return Ok(Some(self.deny_extended(pending, &decision, done)));
                 }
+                state.track_sql_prepares(&analysis, parse.query.len(), &decision);
                 state.statements.insert(
                     parse.statement.to_owned(),
                     Arc::new(Prepared {
                         analysis,
+                        index: 0,
                         bytes: parse.query.len(),
                         name: parse.statement.to_owned(),
                         decision,
@@ -411,11 +417,40 @@ struct FrontendState {
     portals: HashMap<String, Arc<Prepared>>,
 }
 
+impl FrontendState {
+    /// Statements prepared or dropped by SQL (`PREPARE`, `DEALLOCATE`,
+    /// `DISCARD ALL`) are the same objects a Bind can name; an allowed
+    /// PREPARE makes its name known with the judgement it got.
+    fn track_sql_prepares(&mut self, analysis: &Arc<Analysis>, bytes: usize, decision: &Decision) {
+        for (index, facts) in analysis.statements.iter().enumerate() {
+            match &facts.prepared_effect {
+                PreparedEffect::None => {}
+                PreparedEffect::Prepare(name) => {
+                    self.statements.insert(
+                        name.clone(),
+                        Arc::new(Prepared {
+                            analysis: Arc::clone(analysis),
+                            index,
+                            bytes,
+                            name: name.clone(),
+                            decision: decision.clone(),
+                        }),
+                    );
+                }
+                PreparedEffect::Deallocate(name) => {
+                    self.statements.remove(name);
+                }
+                PreparedEffect::DeallocateAll => self.statements.clear(),
+            }
+        }
+    }
+}
+
 fn pending_for(p: &Prepared, decision: &Decision) -> PendingStatement {
     PendingStatement {
         protocol: "extended",
         analysis: Arc::clone(&p.analysis),
-        index: 0,
+        index: p.index,
         bytes: p.bytes,
         prepared: Some(p.name.clone()),
         decision: decision.clone(),

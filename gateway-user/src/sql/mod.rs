@@ -9,7 +9,7 @@ mod kind;
 
 use std::collections::BTreeSet;
 
-use pg_query::{protobuf, NodeRef};
+use pg_query::{protobuf, NodeEnum, NodeRef};
 use serde::Serialize;
 
 pub use cache::AnalysisCache;
@@ -57,6 +57,33 @@ pub struct StatementFacts {
     pub functions: Vec<String>,
     /// True when an UPDATE or DELETE anywhere in the statement has no WHERE.
     pub unfiltered_write: bool,
+    /// What the statement does to the session's prepared statements, which
+    /// the extended protocol can Bind by name.
+    #[serde(skip)]
+    pub prepared_effect: PreparedEffect,
+}
+
+/// SQL-level PREPARE and DEALLOCATE create and drop the same prepared
+/// statements a protocol-level Parse does.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum PreparedEffect {
+    #[default]
+    None,
+    Prepare(String),
+    Deallocate(String),
+    DeallocateAll,
+}
+
+fn prepared_effect(node: Option<&NodeEnum>) -> PreparedEffect {
+    match node {
+        Some(NodeEnum::PrepareStmt(p)) => PreparedEffect::Prepare(p.name.clone()),
+        Some(NodeEnum::DeallocateStmt(d)) if d.isall => PreparedEffect::DeallocateAll,
+        Some(NodeEnum::DeallocateStmt(d)) => PreparedEffect::Deallocate(d.name.clone()),
+        Some(NodeEnum::DiscardStmt(d)) if d.target == protobuf::DiscardMode::DiscardAll as i32 => {
+            PreparedEffect::DeallocateAll
+        }
+        _ => PreparedEffect::None,
+    }
 }
 
 /// Parses `text` and returns its facts. Never panics on any input.
@@ -151,6 +178,7 @@ fn statement_facts(text: &str, raw: &protobuf::RawStmt) -> Result<StatementFacts
         objects: objects.into_iter().collect(),
         functions: functions.into_iter().collect(),
         unfiltered_write,
+        prepared_effect: prepared_effect(top),
     })
 }
 
@@ -182,6 +210,25 @@ mod tests {
         let cte = analyze("WITH d AS (UPDATE t SET a = 1 RETURNING *) SELECT * FROM d");
         assert!(cte.statements[0].unfiltered_write);
         assert!(cte.statements[0].kinds.contains(&"update"));
+    }
+
+    #[test]
+    fn sql_prepare_and_deallocate_are_recognised() {
+        let a = analyze("PREPARE q(int) AS SELECT $1; DEALLOCATE q; DEALLOCATE ALL; DISCARD ALL");
+        let effects: Vec<_> = a
+            .statements
+            .iter()
+            .map(|s| s.prepared_effect.clone())
+            .collect();
+        assert_eq!(
+            effects,
+            [
+                PreparedEffect::Prepare("q".into()),
+                PreparedEffect::Deallocate("q".into()),
+                PreparedEffect::DeallocateAll,
+                PreparedEffect::DeallocateAll
+            ]
+        );
     }
 
     #[test]

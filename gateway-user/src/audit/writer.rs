@@ -165,6 +165,10 @@ impl Writer {
     }
 }
 
+/// While records keep coming, the writer polls at this interval instead of
+/// being woken for each one: one wake-up and one write per batch.
+const BATCH_WINDOW: Duration = Duration::from_millis(5);
+
 fn run_writer(out: Box<dyn Write + Send>, mut rx: mpsc::Receiver<Msg>, healthy: Arc<AtomicBool>) {
     let mut w = Writer {
         out,
@@ -174,33 +178,47 @@ fn run_writer(out: Box<dyn Write + Send>, mut rx: mpsc::Receiver<Msg>, healthy: 
         last_flush: Instant::now(),
     };
     loop {
-        let msg = match rx.try_recv() {
-            Ok(m) => m,
-            Err(mpsc::error::TryRecvError::Empty) => {
-                if !w.pending.is_empty() {
-                    w.flush();
+        // Drain what is queued.
+        let mut received = false;
+        loop {
+            match rx.try_recv() {
+                Ok(Msg::Record(r)) => {
+                    received = true;
+                    w.append(&r);
+                    if w.pending.len() >= 256 * 1024 {
+                        w.flush();
+                    }
                 }
-                match rx.blocking_recv() {
-                    Some(m) => m,
-                    None => break,
+                Ok(Msg::Flush(done)) => {
+                    w.flush();
+                    let _ = done.send(());
+                }
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    w.flush();
+                    return;
                 }
             }
-            Err(mpsc::error::TryRecvError::Disconnected) => break,
-        };
-        match msg {
-            Msg::Record(r) => {
-                w.append(&r);
-                if w.pending.len() >= 256 * 1024 || w.last_flush.elapsed() >= FLUSH_EVERY {
-                    w.flush();
-                }
-            }
-            Msg::Flush(done) => {
+        }
+        if !w.pending.is_empty() && (!received || w.last_flush.elapsed() >= FLUSH_EVERY) {
+            // The stream went quiet, or a busy stream reached the interval.
+            w.flush();
+        }
+        if received {
+            std::thread::sleep(BATCH_WINDOW);
+            continue;
+        }
+        // Idle: sleep until the next record.
+        match rx.blocking_recv() {
+            Some(Msg::Record(r)) => w.append(&r),
+            Some(Msg::Flush(done)) => {
                 w.flush();
                 let _ = done.send(());
             }
+            None => {
+                w.flush();
+                return;
+            }
         }
-    }
-    if !w.pending.is_empty() {
-        w.flush();
     }
 }

@@ -97,9 +97,20 @@ pub fn analyze(text: &str) -> Analysis {
             }
         }
     };
+    let single = parsed.protobuf.stmts.len() == 1;
     let mut statements = Vec::with_capacity(parsed.protobuf.stmts.len());
     for raw in &parsed.protobuf.stmts {
-        match statement_facts(text, raw) {
+        // One statement (the common case) is described by the parse already
+        // made; in a multi-statement text each piece is parsed on its own so
+        // its tables and functions are its own.
+        let facts = match statement_text(text, raw) {
+            Some(piece) if single => statement_facts(piece, raw, &parsed),
+            Some(piece) => pg_query::parse(piece, pg_query::ParserOptions::DEFAULT)
+                .map_err(|e| e.to_string())
+                .and_then(|own| statement_facts(piece, raw, &own)),
+            None => Err("statement bounds fall outside the text".to_owned()),
+        };
+        match facts {
             Ok(f) => statements.push(f),
             Err(e) => {
                 return Analysis {
@@ -125,10 +136,11 @@ fn statement_text<'a>(text: &'a str, raw: &protobuf::RawStmt) -> Option<&'a str>
     text.get(start..end)
 }
 
-fn statement_facts(text: &str, raw: &protobuf::RawStmt) -> Result<StatementFacts, String> {
-    let piece = statement_text(text, raw).ok_or("statement bounds fall outside the text")?;
-    let parsed =
-        pg_query::parse(piece, pg_query::ParserOptions::DEFAULT).map_err(|e| e.to_string())?;
+fn statement_facts(
+    piece: &str,
+    raw: &protobuf::RawStmt,
+    parsed: &pg_query::ParseResult,
+) -> Result<StatementFacts, String> {
     let normalized = pg_query::normalize(piece).map_err(|e| e.to_string())?;
     let fingerprint = pg_query::fingerprint(piece, pg_query::ParserOptions::DEFAULT, 0)
         .map_err(|e| e.to_string())?

@@ -5,14 +5,14 @@
 //! the server will. Nothing here decides anything; `policy` does.
 
 mod cache;
+mod facts;
 mod kind;
 
-use std::collections::BTreeSet;
-
-use pg_query::{protobuf, NodeEnum, NodeRef};
+use pg_query::{protobuf, NodeEnum};
 use serde::Serialize;
 
 pub use cache::AnalysisCache;
+pub use facts::{Access, Feature, ObjectRef, PINNED_SETTINGS};
 pub use kind::statement_kind;
 
 /// What the gateway learnt from one query string (one simple Query, or the
@@ -27,21 +27,6 @@ pub struct Analysis {
     pub parse_error: Option<String>,
 }
 
-/// A table or view a statement touches, and how.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
-pub struct ObjectRef {
-    pub name: String,
-    pub access: Access,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Access {
-    Read,
-    Write,
-    Ddl,
-}
-
 /// Facts about one statement.
 #[derive(Debug, Clone, Serialize)]
 pub struct StatementFacts {
@@ -54,9 +39,9 @@ pub struct StatementFacts {
     /// (EXPLAIN, PREPARE, CTEs, COPY (query), DECLARE CURSOR).
     pub kinds: Vec<&'static str>,
     pub objects: Vec<ObjectRef>,
+    /// Functions called anywhere, lower-cased, qualified as written.
     pub functions: Vec<String>,
-    /// True when an UPDATE or DELETE anywhere in the statement has no WHERE.
-    pub unfiltered_write: bool,
+    pub features: Vec<Feature>,
     /// What the statement does to the session's prepared statements, which
     /// the extended protocol can Bind by name.
     #[serde(skip)]
@@ -147,49 +132,22 @@ fn statement_facts(
         .hex;
 
     let top = raw.stmt.as_ref().and_then(|n| n.node.as_ref());
-    let mut kinds = vec![top.map(statement_kind).unwrap_or("unknown")];
-    let mut unfiltered_write = false;
-    for (node, _depth, _context, _) in parsed.protobuf.nodes() {
-        let nested = match node {
-            NodeRef::SelectStmt(_) => "select",
-            NodeRef::InsertStmt(_) => "insert",
-            NodeRef::UpdateStmt(u) => {
-                unfiltered_write |= u.where_clause.is_none();
-                "update"
-            }
-            NodeRef::DeleteStmt(d) => {
-                unfiltered_write |= d.where_clause.is_none();
-                "delete"
-            }
-            NodeRef::MergeStmt(_) => "merge",
-            _ => continue,
-        };
-        if !kinds.contains(&nested) {
-            kinds.push(nested);
-        }
-    }
-
-    let mut objects = BTreeSet::new();
-    for (name, ctx) in &parsed.tables {
-        let access = match ctx {
-            pg_query::Context::Select | pg_query::Context::None => Access::Read,
-            pg_query::Context::DML => Access::Write,
-            pg_query::Context::DDL | pg_query::Context::Call => Access::Ddl,
-        };
-        objects.insert(ObjectRef {
-            name: name.clone(),
-            access,
-        });
-    }
-    let functions: BTreeSet<String> = parsed.functions.iter().map(|(f, _)| f.clone()).collect();
+    let kind = top.map(statement_kind).unwrap_or("unknown");
+    // The walk sees the statement's own tree, whichever parse it came from.
+    let own = match parsed.protobuf.stmts.as_slice() {
+        [only] => only,
+        _ => raw,
+    };
+    let tree = serde_json::to_value(own).map_err(|e| e.to_string())?;
+    let facts = facts::collect(kind, &tree);
 
     Ok(StatementFacts {
         text: normalized,
         fingerprint,
-        kinds,
-        objects: objects.into_iter().collect(),
-        functions: functions.into_iter().collect(),
-        unfiltered_write,
+        kinds: facts.kinds,
+        objects: facts.objects.into_iter().collect(),
+        functions: facts.functions.into_iter().collect(),
+        features: facts.features.into_iter().collect(),
         prepared_effect: prepared_effect(top),
     })
 }
@@ -202,7 +160,7 @@ mod tests {
     fn splits_statements_like_the_server() {
         let a = analyze("COPY t FROM STDIN;\nDROP TABLE x;");
         assert_eq!(a.statements.len(), 2);
-        assert_eq!(a.statements[0].kinds[0], "copy");
+        assert_eq!(a.statements[0].kinds[0], "copy_in");
         assert_eq!(a.statements[1].kinds[0], "ddl");
     }
 
@@ -212,16 +170,7 @@ mod tests {
         let s = &a.statements[0];
         assert!(!s.text.contains("ada@example.com"), "{}", s.text);
         assert!(!s.text.contains("42"), "{}", s.text);
-        assert_eq!(s.objects[0].name, "customers");
-    }
-
-    #[test]
-    fn finds_unfiltered_writes_in_nested_positions() {
-        assert!(analyze("DELETE FROM t").statements[0].unfiltered_write);
-        assert!(!analyze("DELETE FROM t WHERE id = 1").statements[0].unfiltered_write);
-        let cte = analyze("WITH d AS (UPDATE t SET a = 1 RETURNING *) SELECT * FROM d");
-        assert!(cte.statements[0].unfiltered_write);
-        assert!(cte.statements[0].kinds.contains(&"update"));
+        assert_eq!(s.objects[0].name, "public.customers");
     }
 
     #[test]

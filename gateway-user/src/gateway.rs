@@ -7,8 +7,9 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 
 use crate::audit::AuditSink;
+use crate::audit::{PolicyReloadRecord, Record, RecordBody, SessionInfo};
 use crate::config::{ClientAuthMode, Settings, UpstreamTls};
-use crate::policy::{load_policy_path, Policy};
+use crate::policy::{PolicyStore, ReloadOutcome};
 use crate::session::{
     self, tls, AgentRegistry, CancelRegistry, ClientAuth, Shared, UpstreamSettings,
 };
@@ -21,13 +22,13 @@ const SHUTDOWN_FLUSH: Duration = Duration::from_secs(10);
 /// Checks the settings and builds what sessions share. Fails before
 /// anything listens, so a bad configuration never serves.
 pub fn build(settings: &Settings) -> anyhow::Result<Arc<Shared>> {
-    if let Some(path) = &settings.policy {
-        let sources = load_policy_path(path)?;
-        tracing::warn!(
-            files = sources.len(),
-            "policy files are read and checked for syntax, but the policy language is not \
-             implemented yet: only the built-in rules apply"
-        );
+    let policy = PolicyStore::open(settings.policy.as_deref())
+        .map_err(|problems| anyhow::anyhow!("invalid policy:\n  {}", problems.join("\n  ")))?;
+    match policy.current().1 {
+        Some(p) => tracing::info!(policy = %p.label, rules = p.rules.len(), "policy loaded"),
+        None => tracing::warn!(
+            "no --policy given: only the built-in rules apply, every other parsed statement is allowed"
+        ),
     }
     let client_tls = match (&settings.tls_cert, &settings.tls_key) {
         (Some(cert), Some(key)) => Some(tokio_rustls::TlsAcceptor::from(tls::server_config(
@@ -46,7 +47,7 @@ pub fn build(settings: &Settings) -> anyhow::Result<Arc<Shared>> {
     };
     let audit = AuditSink::open(&settings.audit)?;
     Ok(Arc::new(Shared {
-        policy: Policy::builtin(),
+        policy,
         cache: AnalysisCache::new(ANALYSIS_CACHE_ENTRIES),
         audit,
         cancel: CancelRegistry::default(),
@@ -76,6 +77,13 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     );
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("cannot install the SIGTERM handler")?;
+    let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("cannot install the SIGHUP handler")?;
+    tokio::spawn(watch_policy(
+        Arc::clone(&shared),
+        hup,
+        settings.upstream.clone(),
+    ));
     tokio::select! {
         r = session::serve(listener, Arc::clone(&shared)) => r.context("listener failed")?,
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
@@ -91,4 +99,66 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         ),
     }
     Ok(())
+}
+
+const POLICY_POLL: Duration = Duration::from_secs(1);
+
+/// Reloads the policy on SIGHUP and when its files change; every reload,
+/// applied or rejected, is an audit record.
+async fn watch_policy(shared: Arc<Shared>, mut hup: tokio::signal::unix::Signal, upstream: String) {
+    let Some(path) = shared.policy.path().map(|p| p.display().to_string()) else {
+        return;
+    };
+    let mut tick = tokio::time::interval(POLICY_POLL);
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: reloading the policy");
+                // Refresh the on-disk signature so the poll does not reload twice.
+                shared.policy.changed_on_disk();
+            }
+            _ = tick.tick() => {
+                if !shared.policy.changed_on_disk() {
+                    continue;
+                }
+                tracing::info!("policy files changed: reloading");
+            }
+        }
+        let Some(outcome) = shared.policy.reload() else {
+            continue;
+        };
+        let record = match outcome {
+            ReloadOutcome::Applied { label } => {
+                tracing::info!(policy = %label, "policy reloaded");
+                PolicyReloadRecord {
+                    status: "applied",
+                    path: path.clone(),
+                    label: Some(label),
+                    problems: Vec::new(),
+                }
+            }
+            ReloadOutcome::Rejected { problems } => {
+                for p in &problems {
+                    tracing::error!(
+                        "policy reload rejected, the previous policy stays in force: {p}"
+                    );
+                }
+                PolicyReloadRecord {
+                    status: "rejected",
+                    path: path.clone(),
+                    label: None,
+                    problems,
+                }
+            }
+        };
+        let info = Arc::new(SessionInfo::process(&upstream));
+        let _ = shared
+            .audit
+            .emit(Record::new(
+                "policy.reload",
+                info,
+                RecordBody::PolicyReload { policy: record },
+            ))
+            .await;
+    }
 }

@@ -169,6 +169,11 @@ impl Cluster {
     /// Runs SQL as the superuser over the Unix socket and returns stdout
     /// (unaligned, tuples only).
     pub fn psql_super(&self, sql: &str) -> String {
+        self.psql_as(SUPERUSER, sql)
+    }
+
+    /// Runs SQL as `user` over the Unix socket (trusted there).
+    pub fn psql_as(&self, user: &str, sql: &str) -> String {
         let out = Command::new(format!("{PG_BIN}/psql"))
             .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h"])
             .arg(self.dir.path())

@@ -11,8 +11,8 @@ mod record;
 mod writer;
 
 pub use record::{
-    now_rfc3339, Actor, DecisionRecord, Outcome, Record, RecordBody, SessionInfo, Source,
-    StatementRecord, Target,
+    now_rfc3339, Actor, DecisionRecord, Outcome, PolicyReloadRecord, Record, RecordBody,
+    SessionInfo, Source, StatementRecord, Target,
 };
 pub use writer::{AuditError, AuditSink, AuditTarget};
 

@@ -41,6 +41,30 @@ pub struct SessionInfo {
     pub target: Target,
 }
 
+impl SessionInfo {
+    /// The gateway itself, for records no client session caused.
+    pub fn process(upstream: &str) -> Self {
+        Self {
+            session: "process".into(),
+            actor: Actor {
+                user: "agentgate".into(),
+                auth: "process",
+                application_name: None,
+            },
+            source: Source {
+                addr: "local".into(),
+                tls: false,
+            },
+            target: Target {
+                addr: upstream.to_owned(),
+                database: String::new(),
+                user: String::new(),
+                backend_pid: None,
+            },
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct StatementRecord {
     /// `simple`, `extended` or `function_call`.
@@ -62,7 +86,27 @@ pub struct StatementRecord {
 #[derive(Debug, Clone, Serialize)]
 pub struct DecisionRecord {
     pub action: crate::policy::Action,
-    pub rule: &'static str,
+    pub rule: String,
+    /// Policy name and digest, or `builtin`.
+    pub policy: String,
+    pub mode: crate::policy::Mode,
+    pub controls: Vec<String>,
+    /// Why a statement was refused, in one sentence.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+impl From<&crate::policy::Decision> for DecisionRecord {
+    fn from(d: &crate::policy::Decision) -> Self {
+        Self {
+            action: d.action,
+            rule: d.rule.to_string(),
+            policy: d.policy.to_string(),
+            mode: d.mode,
+            controls: d.controls.to_vec(),
+            reason: (!d.reason.is_empty()).then(|| d.reason.clone()),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -105,6 +149,20 @@ pub enum RecordBody {
     SessionRefused {
         reason: String,
     },
+    PolicyReload {
+        policy: PolicyReloadRecord,
+    },
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PolicyReloadRecord {
+    /// `applied` or `rejected` (the previous policy stays in force).
+    pub status: &'static str,
+    pub path: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub problems: Vec<String>,
 }
 
 impl Record {

@@ -11,20 +11,11 @@ pub enum PolicyError {
     },
     #[error("policy path {path} holds no .yaml or .yml file")]
     Empty { path: PathBuf },
-    #[error("policy file {path}: {message}")]
-    Syntax { path: PathBuf, message: String },
-}
-
-/// One policy document as read from disk.
-#[derive(Debug, Clone)]
-pub struct PolicySource {
-    pub path: PathBuf,
-    pub document: serde_yaml_ng::Value,
 }
 
 /// Reads a policy file, or every `.yaml`/`.yml` file of a directory in name
-/// order, and checks each is well-formed YAML.
-pub fn load_policy_path(path: &Path) -> Result<Vec<PolicySource>, PolicyError> {
+/// order: (path, text) pairs.
+pub fn read_policy_path(path: &Path) -> Result<Vec<(PathBuf, String)>, PolicyError> {
     let io = |source| PolicyError::Io {
         path: path.to_owned(),
         source,
@@ -54,11 +45,7 @@ pub fn load_policy_path(path: &Path) -> Result<Vec<PolicySource>, PolicyError> {
                 path: p.clone(),
                 source,
             })?;
-            let document = serde_yaml_ng::from_str(&text).map_err(|e| PolicyError::Syntax {
-                path: p.clone(),
-                message: e.to_string(),
-            })?;
-            Ok(PolicySource { path: p, document })
+            Ok((p, text))
         })
         .collect()
 }

@@ -16,6 +16,8 @@ use super::stream::{read_frame, ClientConn, Conn};
 use super::upstream::{self, UpstreamError};
 use super::{CancelTarget, ClientAuth, Shared};
 use crate::audit::{Actor, Record, RecordBody, SessionInfo, Source, Target};
+use crate::policy::{Decision, Who};
+use crate::sql::PINNED_SETTINGS;
 use crate::wire::backend::{self, INSUFFICIENT_PRIVILEGE};
 use crate::wire::startup::{self, Startup, StartupPacket, MAX_STARTUP_LEN};
 use crate::wire::{frontend as fe, Cursor, DecodeError, Frame, FrameSplitter};
@@ -89,7 +91,7 @@ pub async fn handle(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         },
     };
 
-    if let Some(refusal) = refuse(&startup, &shared) {
+    if let Some(refusal) = refuse(&startup) {
         let (code, message) = refusal;
         fatal(&mut client, code, &message).await;
         refused(&shared, info, message).await;
@@ -114,6 +116,14 @@ pub async fn handle(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
             return;
         }
     }
+
+    let who = Who {
+        agent: matches!(shared.client_auth, ClientAuth::Scram(_)).then(|| user.clone()),
+        client_addr: Some(peer.ip()),
+        startup_user: user.clone(),
+        database: database.clone(),
+        ..Who::default()
+    };
 
     // Everything the client asked for goes upstream, but the gateway logs in
     // as itself.
@@ -194,7 +204,7 @@ pub async fn handle(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         let (mut cr, mut cw) = tokio::io::split(client);
         let (mut ur, mut uw) = tokio::io::split(up.conn);
         let end = tokio::select! {
-            end = relay.frontend(&mut cr, &mut uw, buf) => end,
+            end = relay.frontend(&mut cr, &mut uw, buf, who) => end,
             end = relay.backend(&mut ur, &mut cw, up.buf) => end,
         };
         if let End::Malformed(m) = &end {
@@ -252,7 +262,7 @@ async fn refused(shared: &Shared, info: SessionInfo, reason: String) {
 }
 
 /// Startup parameters the gateway refuses outright.
-fn refuse(startup: &Startup, shared: &Shared) -> Option<(&'static str, String)> {
+fn refuse(startup: &Startup) -> Option<(&'static str, String)> {
     if startup.get("user").is_none_or(str::is_empty) {
         return Some((
             INVALID_AUTHORIZATION,
@@ -264,9 +274,15 @@ fn refuse(startup: &Startup, shared: &Shared) -> Option<(&'static str, String)> 
             v.to_ascii_lowercase().as_str(),
             "false" | "off" | "no" | "0"
         ) {
-            let d = shared.policy.decide_replication();
-            return Some((INSUFFICIENT_PRIVILEGE, d.client_message()));
+            return Some((
+                INSUFFICIENT_PRIVILEGE,
+                Decision::replication().client_message(),
+            ));
         }
+    }
+    if let Some(setting) = pinned_startup_setting(startup) {
+        let d = Decision::pinned_setting(&format!("the startup setting {setting}"));
+        return Some((INSUFFICIENT_PRIVILEGE, d.client_message()));
     }
     None
 }
@@ -441,4 +457,108 @@ async fn expect_password(
         ));
     }
     Ok(f)
+}
+
+/// The values the gateway parses with; a client may send them, but no other.
+fn pinned_value_ok(name: &str, value: &str) -> bool {
+    let v = value
+        .trim()
+        .trim_matches('\'')
+        .to_ascii_lowercase()
+        .replace(['-', '_'], "");
+    match name {
+        "client_encoding" => matches!(v.as_str(), "utf8" | "unicode"),
+        "standard_conforming_strings" => matches!(v.as_str(), "on" | "true" | "yes" | "1"),
+        "backslash_quote" => matches!(v.as_str(), "safeencoding"),
+        _ => true,
+    }
+}
+
+/// A pinned setting the client tries to set at startup, directly or through
+/// `options` (`-c name=value` or `--name=value`, as PGOPTIONS sends them).
+fn pinned_startup_setting(startup: &Startup) -> Option<String> {
+    let norm = |n: &str| n.trim().to_ascii_lowercase().replace('-', "_");
+    for (k, v) in &startup.params {
+        let k = norm(k);
+        if PINNED_SETTINGS.contains(&k.as_str()) && !pinned_value_ok(&k, v) {
+            return Some(k);
+        }
+    }
+    let options = startup.get("options")?;
+    // Arguments are separated by spaces; a backslash escapes the next byte.
+    let mut args = Vec::new();
+    let mut cur = String::new();
+    let mut chars = options.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => cur.extend(chars.next()),
+            c if c.is_whitespace() => {
+                if !cur.is_empty() {
+                    args.push(std::mem::take(&mut cur));
+                }
+            }
+            c => cur.push(c),
+        }
+    }
+    if !cur.is_empty() {
+        args.push(cur);
+    }
+    let mut i = 0;
+    while i < args.len() {
+        let setting = if args[i] == "-c" {
+            i += 1;
+            args.get(i).cloned()
+        } else if let Some(rest) = args[i].strip_prefix("-c") {
+            Some(rest.to_owned())
+        } else {
+            args[i].strip_prefix("--").map(str::to_owned)
+        };
+        if let Some((name, value)) = setting.as_deref().and_then(|s| s.split_once('=')) {
+            let name = norm(name);
+            if PINNED_SETTINGS.contains(&name.as_str()) && !pinned_value_ok(&name, value) {
+                return Some(name);
+            }
+        }
+        i += 1;
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn startup(params: &[(&str, &str)]) -> Startup {
+        Startup {
+            version: 196608,
+            params: params
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn pinned_settings_at_startup() {
+        assert_eq!(
+            pinned_startup_setting(&startup(&[("client_encoding", "UTF8")])),
+            None
+        );
+        assert!(pinned_startup_setting(&startup(&[("client_encoding", "LATIN1")])).is_some());
+        for opts in [
+            "-c standard_conforming_strings=off",
+            "-cstandard_conforming_strings=off",
+            "--standard-conforming-strings=off",
+            "-c statement_timeout=5s -c client_encoding=SQL_ASCII",
+        ] {
+            assert!(
+                pinned_startup_setting(&startup(&[("options", opts)])).is_some(),
+                "{opts}"
+            );
+        }
+        assert_eq!(
+            pinned_startup_setting(&startup(&[("options", "-c statement_timeout=5s")])),
+            None
+        );
+    }
 }

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 
 use crate::audit::AuditSink;
-use crate::policy::Policy;
+use crate::policy::PolicyStore;
 use crate::sql::AnalysisCache;
 
 pub use cancel::{CancelRegistry, CancelTarget};
@@ -30,7 +30,7 @@ pub enum ClientAuth {
 
 /// What every session shares.
 pub struct Shared {
-    pub policy: Policy,
+    pub policy: PolicyStore,
     pub cache: AnalysisCache,
     pub audit: AuditSink,
     pub cancel: CancelRegistry,

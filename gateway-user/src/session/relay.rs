@@ -12,7 +12,7 @@ use super::stream::{fill, ReadError};
 use super::tracker::{Completed, Expect, PendingStatement, Tracker, Verdict};
 use super::Shared;
 use crate::audit::{DecisionRecord, Record, RecordBody, SessionInfo, StatementRecord};
-use crate::policy::Decision;
+use crate::policy::{self, Decision, Policy, PolicyStore, Who};
 use crate::sql::{Analysis, PreparedEffect};
 use crate::wire::frontend::{self as fe, Target};
 use crate::wire::{backend, DecodeError, Frame, FrameError, FrameSplitter};
@@ -141,13 +141,23 @@ impl Relay {
     }
 
     /// Client to database.
-    pub async fn frontend<R, W>(&self, client: &mut R, upstream: &mut W, mut buf: BytesMut) -> End
+    pub async fn frontend<R, W>(
+        &self,
+        client: &mut R,
+        upstream: &mut W,
+        mut buf: BytesMut,
+        who: Who,
+    ) -> End
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
         let splitter = FrameSplitter::new(self.shared.max_frame_bytes);
-        let mut state = FrontendState::default();
+        let mut state = FrontendState {
+            judge: Judge::new(who),
+            statements: HashMap::new(),
+            portals: HashMap::new(),
+        };
         let mut out = Outbox::default();
         let mut done = Vec::new();
         loop {
@@ -194,19 +204,19 @@ impl Relay {
         state: &mut FrontendState,
         done: &mut Vec<Completed>,
     ) -> Result<Option<Frame>, End> {
-        let policy = &self.shared.policy;
         let body = frame.body();
+        let healthy = self.shared.audit.is_healthy();
         let expect = match frame.tag() {
             fe::QUERY => {
                 let text = fe::decode_query(body)?;
                 let analysis = self.shared.cache.analyze(text);
-                let decision = if self.shared.audit.is_healthy() {
-                    policy.decide(&analysis)
+                let decision = if healthy {
+                    state.judge.decide(&self.shared.policy, text, &analysis)
                 } else {
-                    policy.deny_audit_unavailable()
+                    Decision::audit_unavailable()
                 };
                 let pending = pending_statements("simple", &analysis, text.len(), None, &decision);
-                if !decision.is_allowed() {
+                if !decision.lets_through() {
                     return Ok(Some(self.deny_simple(pending, &decision, done)));
                 }
                 state.track_sql_prepares(&analysis, text.len(), &decision);
@@ -215,12 +225,14 @@ impl Relay {
             fe::PARSE => {
                 let parse = fe::decode_parse(body)?;
                 let analysis = self.shared.cache.analyze(parse.query);
-                let decision = if self.shared.audit.is_healthy() {
-                    policy.decide(&analysis)
+                let decision = if healthy {
+                    state
+                        .judge
+                        .decide(&self.shared.policy, parse.query, &analysis)
                 } else {
-                    policy.deny_audit_unavailable()
+                    Decision::audit_unavailable()
                 };
-                if !decision.is_allowed() {
+                if !decision.lets_through() {
                     // PostgreSQL forgets the unnamed statement at any Parse.
                     if parse.statement.is_empty() {
                         state.statements.remove("");
@@ -256,7 +268,7 @@ impl Relay {
                     }
                     None => {
                         state.portals.remove(bind.portal);
-                        let decision = policy.deny_unknown_statement(&format!(
+                        let decision = Decision::unknown_statement(&format!(
                             "prepared statement {:?}",
                             bind.statement
                         ));
@@ -268,11 +280,11 @@ impl Relay {
                 let exec = fe::decode_execute(body)?;
                 let Some(p) = state.portals.get(exec.portal) else {
                     let decision =
-                        policy.deny_unknown_statement(&format!("portal {:?}", exec.portal));
+                        Decision::unknown_statement(&format!("portal {:?}", exec.portal));
                     return Ok(Some(self.deny_extended(Vec::new(), &decision, done)));
                 };
-                if !self.shared.audit.is_healthy() {
-                    let decision = policy.deny_audit_unavailable();
+                if !healthy {
+                    let decision = Decision::audit_unavailable();
                     let pending = vec![pending_for(p, &decision)];
                     return Ok(Some(self.deny_extended(pending, &decision, done)));
                 }
@@ -303,7 +315,7 @@ impl Relay {
                 return Ok(Some(frame));
             }
             fe::FUNCTION_CALL => {
-                let decision = policy.decide_function_call();
+                let decision = Decision::function_call();
                 let pending = vec![PendingStatement {
                     protocol: "function_call",
                     analysis: Arc::new(Analysis {
@@ -356,7 +368,7 @@ impl Relay {
         extended: bool,
         done: &mut Vec<Completed>,
     ) {
-        tracing::info!(session = %self.info.session, rule = decision.rule, "statement denied");
+        tracing::info!(session = %self.info.session, rule = %decision.rule, "statement denied");
         let error = backend::error_response(
             "ERROR",
             backend::INSUFFICIENT_PRIVILEGE,
@@ -411,10 +423,57 @@ impl Relay {
     }
 }
 
-#[derive(Default)]
 struct FrontendState {
+    judge: Judge,
     statements: HashMap<String, Arc<Prepared>>,
     portals: HashMap<String, Arc<Prepared>>,
+}
+
+/// One session's view of the policy: its identities under the policy in
+/// force, and decisions cached by statement text (the identity is fixed for
+/// the session, so the text is the rest of the key). A reload clears both.
+struct Judge {
+    who: Who,
+    version: u64,
+    policy: Option<Arc<Policy>>,
+    identities: Vec<usize>,
+    cache: HashMap<String, Decision>,
+}
+
+const DECISION_CACHE_ENTRIES: usize = 4096;
+
+impl Judge {
+    fn new(who: Who) -> Self {
+        Self {
+            who,
+            version: 0,
+            policy: None,
+            identities: Vec::new(),
+            cache: HashMap::new(),
+        }
+    }
+
+    fn decide(&mut self, store: &PolicyStore, text: &str, analysis: &Analysis) -> Decision {
+        if store.version() != self.version {
+            let (version, policy) = store.current();
+            self.identities = policy
+                .as_ref()
+                .map(|p| p.identities_of(&self.who))
+                .unwrap_or_default();
+            self.version = version;
+            self.policy = policy;
+            self.cache.clear();
+        }
+        if let Some(d) = self.cache.get(text) {
+            return d.clone();
+        }
+        let d = policy::decide(self.policy.as_deref(), &self.identities, analysis);
+        if self.cache.len() >= DECISION_CACHE_ENTRIES {
+            self.cache.clear();
+        }
+        self.cache.insert(text.to_owned(), d.clone());
+        d
+    }
 }
 
 impl FrontendState {
@@ -503,10 +562,7 @@ fn statement_record(info: &Arc<SessionInfo>, c: Completed) -> Record {
         Arc::clone(info),
         RecordBody::Statement {
             statement,
-            decision: DecisionRecord {
-                action: s.decision.action,
-                rule: s.decision.rule,
-            },
+            decision: DecisionRecord::from(&s.decision),
             outcome: c.outcome,
         },
     )

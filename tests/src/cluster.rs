@@ -181,7 +181,7 @@ impl Cluster {
                 "-p",
                 &self.port.to_string(),
                 "-U",
-                SUPERUSER,
+                user,
                 "-d",
                 "postgres",
                 "-c",

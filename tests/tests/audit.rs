@@ -72,7 +72,7 @@ fn every_line_has_the_schema_fields_and_no_client_literal() {
     }
     assert_eq!(
         statements[0]["statement"]["objects"][0]["name"],
-        "customers"
+        "public.customers"
     );
     assert_eq!(statements[0]["outcome"]["rows"], 1);
     assert_eq!(

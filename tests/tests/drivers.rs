@@ -89,7 +89,7 @@ async fn typed_queries_prepared_statements_and_transactions() {
     let recs = gw.wait_audit(3, |r| {
         r["event"] == "statement"
             && r["statement"]["protocol"] == "extended"
-            && r["statement"]["objects"][0]["name"] == "customers"
+            && r["statement"]["objects"][0]["name"] == "public.customers"
     });
     assert!(recs.iter().all(|r| r["outcome"]["rows"] == 1));
 }

@@ -100,8 +100,15 @@ fn pgbench_all_modes_zero_failures_and_one_record_per_statement() {
             r["statement"]["protocol"] == "simple"
                 && r["statement"]["objects"][0]["name"]
                     .as_str()
-                    .is_some_and(|n| n.starts_with("pgbench_"))
+                    .is_some_and(|n| n.starts_with("public.pgbench_"))
         };
+        let checked = new.iter().filter(on_pgbench_tables).count();
+        if mode == "simple" {
+            assert!(
+                checked >= 400,
+                "only {checked} simple statements on pgbench tables"
+            );
+        }
         for r in new.iter().filter(on_pgbench_tables) {
             let text = r["statement"]["text"].as_str().unwrap_or_default();
             assert!(

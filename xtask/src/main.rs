@@ -1,5 +1,6 @@
 //! `cargo xtask`: set up a machine, run the tests, run the demo.
 
+mod bench;
 mod demo;
 mod setup;
 
@@ -35,6 +36,14 @@ enum Task {
         #[arg(long)]
         no_setup: bool,
     },
+    /// Set up, then measure agentgate beside a direct connection and
+    /// pgbouncer (pgbench workloads, bulk SELECT/COPY, CPU, memory).
+    Bench {
+        #[arg(long)]
+        no_setup: bool,
+        #[command(flatten)]
+        args: bench::BenchArgs,
+    },
 }
 
 fn main() -> Result<()> {
@@ -48,6 +57,12 @@ fn main() -> Result<()> {
                 setup::run()?;
             }
             test(fuzz_seconds)
+        }
+        Task::Bench { no_setup, args } => {
+            if !no_setup {
+                setup::run()?;
+            }
+            bench::run(args)
         }
         Task::Demo { no_setup } => {
             if !no_setup {

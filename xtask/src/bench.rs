@@ -1,0 +1,649 @@
+//! `cargo xtask bench`: what agentgate costs, beside a direct connection and
+//! pgbouncer, measured side by side in one run.
+//!
+//! Configurations are interleaved (A B C D A B C D ...) within each workload
+//! so that drift on a noisy machine hits all alike. For each run: TPS (or
+//! rows/s), mean and p99 latency, the ratio to direct in the same round, and
+//! the CPU seconds the proxy itself used per 1000 transactions (from
+//! /proc/PID/stat), which is the figure that travels to other machines.
+
+use std::collections::BTreeMap;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use agentgate_tests::cluster::{wait_port, Options, GW_PASSWORD, GW_USER, PG_BIN, SUPERUSER};
+use agentgate_tests::Cluster;
+
+use crate::{cargo, exec, root};
+
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// Seconds per pgbench run.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Rounds of every configuration (interleaved).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Rows of the bulk SELECT / COPY table.
+    #[arg(long, default_value_t = 1_000_000)]
+    bulk_rows: u64,
+    /// pgbench scale.
+    #[arg(long, default_value_t = 10)]
+    scale: u32,
+    /// Idle client connections for the memory figure.
+    #[arg(long, default_value_t = 1000)]
+    idle: usize,
+}
+
+/// One proxy (or none) between pgbench and the database.
+struct Config {
+    name: &'static str,
+    port: u16,
+    /// The process whose CPU and memory are measured.
+    pid: Option<u32>,
+}
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Clock ticks of user + system CPU a process has used.
+fn cpu_ticks(pid: u32) -> u64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0;
+    };
+    // Fields after the command name (which may hold spaces) in parentheses.
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+        return 0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let n = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    // utime and stime are fields 14 and 15, i.e. 11 and 12 after ')'.
+    n(11) + n(12)
+}
+
+fn status_kib(pid: u32, key: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(key))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+const TICKS_PER_SECOND: f64 = 100.0;
+
+#[derive(Debug, Clone, serde::Serialize)]
+struct Run {
+    workload: String,
+    config: String,
+    round: usize,
+    /// Transactions (or rows) per second.
+    rate: f64,
+    mean_latency_ms: Option<f64>,
+    p99_latency_ms: Option<f64>,
+    /// CPU seconds of the proxy per 1000 transactions (or 1000 rows).
+    proxy_cpu_per_1000: Option<f64>,
+    ratio_to_direct: Option<f64>,
+    failed: u64,
+}
+
+struct Pgbench<'a> {
+    name: &'static str,
+    args: &'a [&'a str],
+    clients: u32,
+}
+
+fn pgbench(
+    port: u16,
+    w: &Pgbench<'_>,
+    seconds: u64,
+    logdir: &Path,
+) -> Result<(f64, f64, f64, u64, u64)> {
+    for e in std::fs::read_dir(logdir)? {
+        let _ = std::fs::remove_file(e?.path());
+    }
+    let prefix = logdir.join("tx");
+    let out = Command::new(format!("{PG_BIN}/pgbench"))
+        .args([
+            "-n",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-U",
+            SUPERUSER,
+        ])
+        .args([
+            "-c",
+            &w.clients.to_string(),
+            "-j",
+            &w.clients.min(2).to_string(),
+        ])
+        .args(["-T", &seconds.to_string(), "-l", "--log-prefix"])
+        .arg(&prefix)
+        .args(w.args)
+        .arg("postgres")
+        .env("PGPASSWORD", GW_PASSWORD)
+        .output()
+        .context("run pgbench")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!(
+            "pgbench {}: {}\n{text}",
+            w.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let grab = |key: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split('=').nth(1))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    };
+    let tps = grab("tps");
+    let mean = grab("latency average");
+    let failed = text
+        .lines()
+        .find(|l| l.starts_with("number of failed transactions"))
+        .and_then(|l| l.split(':').nth(1))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let processed = text
+        .lines()
+        .find(|l| l.starts_with("number of transactions actually processed"))
+        .and_then(|l| l.split(':').nth(1))
+        .and_then(|v| v.trim().split('/').next())
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    // Per-transaction logs: the third column is the latency in microseconds.
+    let mut lat: Vec<u64> = Vec::new();
+    for e in std::fs::read_dir(logdir)? {
+        let t = std::fs::read_to_string(e?.path()).unwrap_or_default();
+        lat.extend(
+            t.lines()
+                .filter_map(|l| l.split_whitespace().nth(2)?.parse::<u64>().ok()),
+        );
+    }
+    lat.sort_unstable();
+    let p99 = lat
+        .get((lat.len() as f64 * 0.99) as usize)
+        .map(|v| *v as f64 / 1000.0)
+        .unwrap_or(0.0);
+    Ok((tps, mean, p99, failed, processed))
+}
+
+/// Streams a million-row result through a client and counts rows per second.
+fn bulk(port: u16, query: &str, copy: bool) -> Result<(f64, u64)> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let dsn = format!(
+            "host=127.0.0.1 port={port} user={SUPERUSER} dbname=postgres password={GW_PASSWORD}"
+        );
+        let (client, conn) = tokio_postgres::connect(&dsn, tokio_postgres::NoTls).await?;
+        tokio::spawn(conn);
+        use futures_util::{pin_mut, TryStreamExt};
+        let start = Instant::now();
+        let mut rows = 0u64;
+        if copy {
+            let s = client.copy_out(query).await?;
+            pin_mut!(s);
+            while let Some(chunk) = s.try_next().await? {
+                rows += chunk.iter().filter(|b| **b == b'\n').count() as u64;
+            }
+        } else {
+            let s = client.query_raw(query, std::iter::empty::<i32>()).await?;
+            pin_mut!(s);
+            while s.try_next().await?.is_some() {
+                rows += 1;
+            }
+        }
+        Ok::<_, anyhow::Error>((rows as f64 / start.elapsed().as_secs_f64(), rows))
+    })
+}
+
+fn start_gateway(db: &Cluster, dir: &Path, name: &str, policy: &Path) -> Result<(Proc, u16)> {
+    let port = agentgate_tests::free_port();
+    let pw = dir.join("pw");
+    std::fs::write(&pw, GW_PASSWORD)?;
+    let child = Command::new(root().join("target/release/agentgate"))
+        .args(["run", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["--upstream", &db.addr(), "--upstream-user", GW_USER])
+        .arg("--upstream-password-file")
+        .arg(&pw)
+        .arg("--policy")
+        .arg(policy)
+        .arg("--audit")
+        .arg(dir.join(format!("{name}-audit.jsonl")))
+        .env("AGENTGATE_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join(format!("{name}.log")))?)
+        .spawn()?;
+    if !wait_port(port) {
+        bail!("agentgate ({name}) did not start");
+    }
+    Ok((Proc(child), port))
+}
+
+fn start_pgbouncer(db: &Cluster, dir: &Path) -> Result<(Proc, u16)> {
+    let port = agentgate_tests::free_port();
+    let d = dir.join("pgbouncer");
+    std::fs::create_dir_all(&d)?;
+    std::fs::write(
+        d.join("pgbouncer.ini"),
+        format!(
+            "[databases]\npostgres = host=127.0.0.1 port={} user={GW_USER}\n\
+             [pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nauth_type = trust\n\
+             auth_file = {users}\npool_mode = session\nmax_client_conn = 2000\n\
+             default_pool_size = 200\nunix_socket_dir =\nlogfile = {log}\n",
+            db.port,
+            users = d.join("users.txt").display(),
+            log = d.join("pgbouncer.log").display(),
+        ),
+    )?;
+    std::fs::write(
+        d.join("users.txt"),
+        format!("\"{SUPERUSER}\" \"\"\n\"{GW_USER}\" \"{GW_PASSWORD}\"\n"),
+    )?;
+    let mut cmd = Command::new("pgbouncer");
+    cmd.arg(d.join("pgbouncer.ini"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    if agentgate_tests::is_root() {
+        // pgbouncer refuses to run as root.
+        for p in [&d, &d.join("pgbouncer.ini"), &d.join("users.txt")] {
+            std::os::unix::fs::chown(p, Some(65534), Some(65534))?;
+        }
+        cmd.uid(65534).gid(65534);
+    }
+    let child = cmd
+        .spawn()
+        .context("start pgbouncer (cargo xtask setup installs it)")?;
+    if !wait_port(port) {
+        bail!(
+            "pgbouncer did not start; see {}",
+            d.join("pgbouncer.log").display()
+        );
+    }
+    Ok((Proc(child), port))
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    exec(cargo().args(["build", "--release", "-p", "gateway-user"]))?;
+    let db = Cluster::start_with(Options {
+        extra_conf: vec![
+            format!("max_connections = {}", args.idle + 300),
+            "shared_buffers = '256MB'".into(),
+        ],
+        ..Default::default()
+    });
+    let work = tempfile::tempdir()?;
+    let w = work.path();
+    eprintln!(
+        "bench: pgbench -i -s {} and a {}-row bulk table",
+        args.scale, args.bulk_rows
+    );
+    exec(
+        Command::new(format!("{PG_BIN}/pgbench"))
+            .args(["-i", "-q", "-s", &args.scale.to_string(), "-h"])
+            .arg(db.dir.path())
+            .args(["-p", &db.port.to_string(), "-U", SUPERUSER, "postgres"]),
+    )?;
+    db.psql_super(&format!(
+        "CREATE TABLE bulk AS SELECT md5(g::text) AS a, md5((g * 7)::text) AS b, \
+         'row ' || g AS c, repeat('x', 20) AS d FROM generate_series(1, {}) g; VACUUM ANALYZE bulk",
+        args.bulk_rows
+    ));
+
+    let (bouncer, bouncer_port) = start_pgbouncer(&db, w)?;
+    let allow_all = root().join("policies/examples/allow-all.yaml");
+    let default = root().join("policies/default.yaml");
+    let (gw_all, gw_all_port) = start_gateway(&db, w, "agentgate-allow-all", &allow_all)?;
+    let (gw_def, gw_def_port) = start_gateway(&db, w, "agentgate-default", &default)?;
+    let configs = [
+        Config {
+            name: "direct",
+            port: db.port,
+            pid: None,
+        },
+        Config {
+            name: "pgbouncer",
+            port: bouncer_port,
+            pid: Some(bouncer.0.id()),
+        },
+        Config {
+            name: "agentgate",
+            port: gw_all_port,
+            pid: Some(gw_all.0.id()),
+        },
+        Config {
+            name: "agentgate+default",
+            port: gw_def_port,
+            pid: Some(gw_def.0.id()),
+        },
+    ];
+
+    let workloads = [
+        Pgbench {
+            name: "select-only simple, 8 clients",
+            args: &["-S", "-M", "simple"],
+            clients: 8,
+        },
+        Pgbench {
+            name: "select-only extended, 8 clients",
+            args: &["-S", "-M", "extended"],
+            clients: 8,
+        },
+        Pgbench {
+            name: "select-only prepared, 8 clients",
+            args: &["-S", "-M", "prepared"],
+            clients: 8,
+        },
+        Pgbench {
+            name: "tpcb-like, 8 clients",
+            args: &["-b", "tpcb-like"],
+            clients: 8,
+        },
+        Pgbench {
+            name: "select-only prepared, 1 client",
+            args: &["-S", "-M", "prepared"],
+            clients: 1,
+        },
+        Pgbench {
+            name: "select-only prepared, 64 clients",
+            args: &["-S", "-M", "prepared"],
+            clients: 64,
+        },
+    ];
+    let logdir = w.join("pgbench-logs");
+    std::fs::create_dir_all(&logdir)?;
+    let mut runs: Vec<Run> = Vec::new();
+    for wl in &workloads {
+        for round in 0..args.rounds {
+            let mut direct_rate = None;
+            for c in &configs {
+                // The default policy refuses writes: TPC-B is not its workload.
+                if c.name == "agentgate+default" && wl.name.starts_with("tpcb") {
+                    continue;
+                }
+                let before = c.pid.map(cpu_ticks);
+                let (tps, mean, p99, failed, processed) =
+                    pgbench(c.port, wl, args.seconds, &logdir)?;
+                let cpu = match (c.pid, before) {
+                    (Some(pid), Some(b)) if processed > 0 => Some(
+                        (cpu_ticks(pid) - b) as f64
+                            / TICKS_PER_SECOND
+                            / (processed as f64 / 1000.0),
+                    ),
+                    _ => None,
+                };
+                if c.name == "direct" {
+                    direct_rate = Some(tps);
+                }
+                eprintln!(
+                    "bench: {} / {} / round {}: {tps:.0} tps",
+                    wl.name,
+                    c.name,
+                    round + 1
+                );
+                runs.push(Run {
+                    workload: wl.name.into(),
+                    config: c.name.into(),
+                    round,
+                    rate: tps,
+                    mean_latency_ms: Some(mean),
+                    p99_latency_ms: Some(p99),
+                    proxy_cpu_per_1000: cpu,
+                    ratio_to_direct: direct_rate.map(|d| tps / d),
+                    failed,
+                });
+            }
+        }
+    }
+    // Bulk results: rows per second through a real client.
+    for (name, query, copy) in [
+        ("1M-row SELECT", "SELECT a, b, c, d FROM bulk", false),
+        ("1M-row COPY TO STDOUT", "COPY bulk TO STDOUT", true),
+    ] {
+        for round in 0..args.rounds {
+            let mut direct_rate = None;
+            for c in configs.iter().filter(|c| c.name != "agentgate+default") {
+                let before = c.pid.map(cpu_ticks);
+                let (rate, rows) = bulk(c.port, query, copy)?;
+                let cpu = match (c.pid, before) {
+                    (Some(pid), Some(b)) => Some(
+                        (cpu_ticks(pid) - b) as f64 / TICKS_PER_SECOND / (rows as f64 / 1000.0),
+                    ),
+                    _ => None,
+                };
+                if c.name == "direct" {
+                    direct_rate = Some(rate);
+                }
+                eprintln!(
+                    "bench: {name} / {} / round {}: {rate:.0} rows/s",
+                    c.name,
+                    round + 1
+                );
+                runs.push(Run {
+                    workload: name.into(),
+                    config: c.name.into(),
+                    round,
+                    rate,
+                    mean_latency_ms: None,
+                    p99_latency_ms: None,
+                    proxy_cpu_per_1000: cpu,
+                    ratio_to_direct: direct_rate.map(|d| rate / d),
+                    failed: 0,
+                });
+            }
+        }
+    }
+
+    // Memory: peak RSS so far, then RSS with idle clients open.
+    let peak_kib = status_kib(gw_all.0.id(), "VmHWM:");
+    let before_kib = status_kib(gw_all.0.id(), "VmRSS:");
+    let mut idle = Vec::with_capacity(args.idle);
+    for _ in 0..args.idle {
+        idle.push(agentgate_tests::raw::RawConn::connect(gw_all_port, "idle"));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let with_idle_kib = status_kib(gw_all.0.id(), "VmRSS:");
+    drop(idle);
+    let per_idle_kib = with_idle_kib.saturating_sub(before_kib) as f64 / args.idle.max(1) as f64;
+
+    let summary = summarise(&runs);
+    print_table(&summary, peak_kib, with_idle_kib, per_idle_kib, args.idle);
+    let out = root().join("target/bench");
+    std::fs::create_dir_all(&out)?;
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let json = serde_json::json!({
+        "machine": machine(),
+        "unix_time": stamp,
+        "seconds_per_run": args.seconds,
+        "rounds": args.rounds,
+        "runs": runs,
+        "summary": summary,
+        "memory": {
+            "peak_rss_kib": peak_kib,
+            "rss_with_idle_kib": with_idle_kib,
+            "idle_connections": args.idle,
+            "kib_per_idle_connection": per_idle_kib,
+        },
+    });
+    let json_path = out.join(format!("bench-{stamp}.json"));
+    std::fs::write(&json_path, serde_json::to_string_pretty(&json)?)?;
+    let svg_path = out.join("ratios.svg");
+    std::fs::write(&svg_path, svg(&summary))?;
+    eprintln!(
+        "bench: raw figures in {}, chart in {}",
+        json_path.display(),
+        svg_path.display()
+    );
+    drop((bouncer, gw_all, gw_def));
+    Ok(())
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+struct Summary {
+    workload: String,
+    config: String,
+    median_rate: f64,
+    median_ratio: Option<f64>,
+    mean_latency_ms: Option<f64>,
+    p99_latency_ms: Option<f64>,
+    cpu_per_1000: Option<f64>,
+    failed: u64,
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    Some(v[v.len() / 2])
+}
+
+fn summarise(runs: &[Run]) -> Vec<Summary> {
+    let mut groups: BTreeMap<(usize, usize), Vec<&Run>> = BTreeMap::new();
+    let mut order_w: Vec<&str> = Vec::new();
+    let mut order_c: Vec<&str> = Vec::new();
+    for r in runs {
+        if !order_w.contains(&r.workload.as_str()) {
+            order_w.push(&r.workload);
+        }
+        if !order_c.contains(&r.config.as_str()) {
+            order_c.push(&r.config);
+        }
+        let key = (
+            order_w.iter().position(|w| *w == r.workload).unwrap_or(0),
+            order_c.iter().position(|c| *c == r.config).unwrap_or(0),
+        );
+        groups.entry(key).or_default().push(r);
+    }
+    groups
+        .into_values()
+        .map(|g| Summary {
+            workload: g[0].workload.clone(),
+            config: g[0].config.clone(),
+            median_rate: median(g.iter().map(|r| r.rate).collect()).unwrap_or(0.0),
+            median_ratio: median(g.iter().filter_map(|r| r.ratio_to_direct).collect()),
+            mean_latency_ms: median(g.iter().filter_map(|r| r.mean_latency_ms).collect()),
+            p99_latency_ms: median(g.iter().filter_map(|r| r.p99_latency_ms).collect()),
+            cpu_per_1000: median(g.iter().filter_map(|r| r.proxy_cpu_per_1000).collect()),
+            failed: g.iter().map(|r| r.failed).sum(),
+        })
+        .collect()
+}
+
+fn opt(v: Option<f64>, digits: usize) -> String {
+    v.map(|x| format!("{x:.digits$}"))
+        .unwrap_or_else(|| "-".into())
+}
+
+fn print_table(s: &[Summary], peak: u64, idle_rss: u64, per_idle: f64, idle: usize) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(
+        out,
+        "| workload | config | median rate | ratio to direct | mean ms | p99 ms | proxy CPU s / 1000 | failed |"
+    );
+    let _ = writeln!(out, "|---|---|---:|---:|---:|---:|---:|---:|");
+    for r in s {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {:.0} | {} | {} | {} | {} | {} |",
+            r.workload,
+            r.config,
+            r.median_rate,
+            opt(r.median_ratio, 3),
+            opt(r.mean_latency_ms, 3),
+            opt(r.p99_latency_ms, 3),
+            opt(r.cpu_per_1000, 4),
+            r.failed
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\nagentgate peak RSS {peak} KiB; with {idle} idle clients {idle_rss} KiB ({per_idle:.1} KiB per connection)"
+    );
+}
+
+fn machine() -> serde_json::Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|s| {
+        s.lines()
+            .find(|l| l.starts_with("model name"))
+            .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+    });
+    serde_json::json!({
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "cpu": cpu,
+        "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
+    })
+}
+
+/// A bar chart of the median ratios to direct, one group per workload.
+fn svg(s: &[Summary]) -> String {
+    let bars: Vec<&Summary> = s.iter().filter(|r| r.config != "direct").collect();
+    let h = 24.0;
+    let height = bars.len() as f64 * h + 60.0;
+    let mut out = format!(
+        "<svg xmlns='http://www.w3.org/2000/svg' width='900' height='{height}' font-family='sans-serif' font-size='12'>\n\
+         <text x='10' y='20' font-size='14'>Throughput as a fraction of a direct connection (median of rounds)</text>\n"
+    );
+    let x0 = 420.0;
+    let scale = 400.0;
+    out.push_str(&format!(
+        "<line x1='{}' y1='30' x2='{}' y2='{}' stroke='#999'/>\n",
+        x0 + scale,
+        x0 + scale,
+        height - 20.0
+    ));
+    for (i, r) in bars.iter().enumerate() {
+        let y = 40.0 + i as f64 * h;
+        let ratio = r.median_ratio.unwrap_or(0.0);
+        let color = match r.config.as_str() {
+            "pgbouncer" => "#8888cc",
+            "agentgate" => "#cc6633",
+            _ => "#dd9955",
+        };
+        out.push_str(&format!(
+            "<text x='10' y='{:.0}'>{} — {}</text><rect x='{x0}' y='{:.0}' width='{:.1}' height='{:.0}' fill='{color}'/><text x='{:.0}' y='{:.0}'>{ratio:.2}</text>\n",
+            y + 14.0,
+            xml(&r.workload),
+            xml(&r.config),
+            y + 2.0,
+            (ratio.min(1.5) * scale).max(1.0),
+            h - 6.0,
+            x0 + ratio.min(1.5) * scale + 6.0,
+            y + 14.0
+        ));
+    }
+    out.push_str("</svg>\n");
+    out
+}
+
+fn xml(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}

@@ -308,9 +308,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
     )?;
     db.psql_super(&format!(
         "CREATE TABLE bulk AS SELECT md5(g::text) AS a, md5((g * 7)::text) AS b, \
-         'row ' || g AS c, repeat('x', 20) AS d FROM generate_series(1, {}) g; VACUUM ANALYZE bulk",
+         'row ' || g AS c, repeat('x', 20) AS d FROM generate_series(1, {}) g",
         args.bulk_rows
     ));
+    db.psql_super("VACUUM ANALYZE bulk");
 
     let (bouncer, bouncer_port) = start_pgbouncer(&db, w)?;
     let allow_all = root().join("policies/examples/allow-all.yaml");

@@ -34,6 +34,16 @@ pub enum ClientAuthMode {
     Password,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum InterceptMode {
+    /// Clients connect to --listen themselves.
+    #[default]
+    None,
+    /// eBPF probes redirect the cgroup's connections to the capture ports.
+    Ebpf,
+}
+
 /// Flags of `agentgate run`. Every one may also be set in `--config`.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct RunArgs {
@@ -76,6 +86,18 @@ pub struct RunArgs {
     /// Largest client message accepted, in bytes [default: 67108864].
     #[arg(long, value_name = "BYTES")]
     pub max_frame_bytes: Option<usize>,
+    /// Redirect the agent's connections with eBPF [default: none].
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub intercept: Option<InterceptMode>,
+    /// The cgroup to intercept (path, or `auto`: this pod's cgroup).
+    #[arg(long, value_name = "PATH|auto")]
+    pub cgroup: Option<String>,
+    /// The compiled probes [default: $AGENTGATE_PROBES, else agentgate-probes next to this binary].
+    #[arg(long, value_name = "PATH")]
+    pub probes: Option<PathBuf>,
+    /// Destination port to capture (repeat for several) [default: 5432].
+    #[arg(long = "capture-port", value_name = "PORT")]
+    pub capture_ports: Vec<u16>,
 }
 
 /// An agent allowed to log in with `--client-auth password`.
@@ -108,6 +130,11 @@ pub struct FileConfig {
     pub policy: Option<PathBuf>,
     pub audit: Option<String>,
     pub max_frame_bytes: Option<usize>,
+    pub intercept: Option<InterceptMode>,
+    pub cgroup: Option<String>,
+    pub probes: Option<PathBuf>,
+    #[serde(default)]
+    pub capture_ports: Vec<u16>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -130,7 +157,9 @@ pub enum ConfigError {
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub listen: SocketAddr,
-    pub upstream: String,
+    /// Required unless intercepting: then the original destination is used
+    /// and this, when given, pins the target.
+    pub upstream: Option<String>,
     pub upstream_user: String,
     pub upstream_password: Option<String>,
     pub upstream_tls: UpstreamTls,
@@ -142,6 +171,10 @@ pub struct Settings {
     pub policy: Option<PathBuf>,
     pub audit: AuditTarget,
     pub max_frame_bytes: usize,
+    pub intercept: InterceptMode,
+    pub cgroup: Option<String>,
+    pub probes: Option<PathBuf>,
+    pub capture_ports: Vec<u16>,
 }
 
 pub fn read_secret(what: &'static str, path: &Path) -> Result<String, ConfigError> {
@@ -171,13 +204,33 @@ impl Settings {
             }
             None => FileConfig::default(),
         };
-        let upstream = args.upstream.or(file.upstream).ok_or(ConfigError::Missing(
-            "no upstream database: give --upstream HOST:PORT or `upstream:` in the config file",
-        ))?;
-        if !upstream.contains(':') {
-            return Err(ConfigError::Conflict(format!(
-                "upstream {upstream:?} must be HOST:PORT"
-            )));
+        let intercept = args.intercept.or(file.intercept).unwrap_or_default();
+        let upstream = args.upstream.or(file.upstream);
+        if upstream.is_none() && intercept == InterceptMode::None {
+            return Err(ConfigError::Missing(
+                "no upstream database: give --upstream HOST:PORT (or --intercept ebpf to use each connection's original destination)",
+            ));
+        }
+        if let Some(u) = &upstream {
+            if !u.contains(':') {
+                return Err(ConfigError::Conflict(format!(
+                    "upstream {u:?} must be HOST:PORT"
+                )));
+            }
+        }
+        let cgroup = args.cgroup.or(file.cgroup);
+        if intercept == InterceptMode::Ebpf && cgroup.is_none() {
+            return Err(ConfigError::Missing(
+                "--intercept ebpf needs --cgroup PATH|auto",
+            ));
+        }
+        let mut capture_ports = if args.capture_ports.is_empty() {
+            file.capture_ports
+        } else {
+            args.capture_ports
+        };
+        if capture_ports.is_empty() {
+            capture_ports.push(gateway_common::POSTGRES_PORT);
         }
         let upstream_user = args
             .upstream_user
@@ -235,6 +288,10 @@ impl Settings {
                 .max_frame_bytes
                 .or(file.max_frame_bytes)
                 .unwrap_or(DEFAULT_MAX_FRAME_BYTES),
+            intercept,
+            cgroup,
+            probes: args.probes.or(file.probes),
+            capture_ports,
         })
     }
 }
@@ -258,7 +315,7 @@ mod tests {
             ..Default::default()
         };
         let s = Settings::resolve(args, None).unwrap();
-        assert_eq!(s.upstream, "db:5432");
+        assert_eq!(s.upstream.as_deref(), Some("db:5432"));
         assert_eq!(s.upstream_user, "flag_user");
         assert_eq!(s.listen.port(), 1);
         assert_eq!(s.audit, AuditTarget::Stdout);

@@ -8,7 +8,8 @@ use tokio::net::TcpListener;
 
 use crate::audit::AuditSink;
 use crate::audit::{PolicyReloadRecord, Record, RecordBody, SessionInfo};
-use crate::config::{ClientAuthMode, Settings, UpstreamTls};
+use crate::config::{ClientAuthMode, InterceptMode, Settings, UpstreamTls};
+use crate::intercept::{self, AttachOptions, Attached, Interception};
 use crate::policy::{PolicyStore, ReloadOutcome};
 use crate::session::{
     self, tls, AgentRegistry, CancelRegistry, ClientAuth, Shared, UpstreamSettings,
@@ -46,6 +47,10 @@ pub fn build(settings: &Settings) -> anyhow::Result<Arc<Shared>> {
         ClientAuthMode::Password => ClientAuth::Scram(AgentRegistry::load(&settings.agents)?),
     };
     let audit = AuditSink::open(&settings.audit)?;
+    let intercept = match settings.intercept {
+        InterceptMode::None => None,
+        InterceptMode::Ebpf => Some(start_interception(settings)?),
+    };
     Ok(Arc::new(Shared {
         policy,
         cache: AnalysisCache::new(ANALYSIS_CACHE_ENTRIES),
@@ -61,7 +66,37 @@ pub fn build(settings: &Settings) -> anyhow::Result<Arc<Shared>> {
         client_tls,
         client_auth,
         max_frame_bytes: settings.max_frame_bytes,
+        intercept,
     }))
+}
+
+/// Attaches the probes (if not yet) and takes the sidecar's part.
+fn start_interception(settings: &Settings) -> anyhow::Result<Interception> {
+    let spec = settings.cgroup.as_deref().unwrap_or("auto");
+    let cgroup = intercept::cgroup::resolve(spec)?;
+    let object = intercept::probe_object(settings.probes.as_deref());
+    let redirect = match settings.listen {
+        std::net::SocketAddr::V4(v4) => (*v4.ip(), v4.port()),
+        other => anyhow::bail!("--intercept ebpf needs an IPv4 --listen address, not {other}"),
+    };
+    let opts = AttachOptions {
+        cgroup: cgroup.clone(),
+        object: object.clone(),
+        sidecar_uid: nix::unistd::geteuid().as_raw(),
+        sidecar_gid: nix::unistd::getegid().as_raw(),
+        sidecar_cgroup: 0,
+        redirect,
+        ports: settings.capture_ports.clone(),
+    };
+    match intercept::attach(&opts)? {
+        Attached::New(dir) => {
+            tracing::info!(cgroup = %cgroup.display(), pins = %dir.display(), "probes attached")
+        }
+        Attached::Existing(dir) => {
+            tracing::info!(cgroup = %cgroup.display(), pins = %dir.display(), "probes were attached already")
+        }
+    }
+    Ok(Interception::new(&cgroup, &object)?)
 }
 
 /// Serves until SIGINT or SIGTERM, then flushes the audit trail.
@@ -72,18 +107,18 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {}", settings.listen))?;
     tracing::info!(
         listen = %settings.listen,
-        upstream = %settings.upstream,
+        upstream = settings.upstream.as_deref().unwrap_or("original destination"),
         "agentgate is accepting PostgreSQL clients"
     );
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("cannot install the SIGTERM handler")?;
     let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .context("cannot install the SIGHUP handler")?;
-    tokio::spawn(watch_policy(
-        Arc::clone(&shared),
-        hup,
-        settings.upstream.clone(),
-    ));
+    let label = settings
+        .upstream
+        .clone()
+        .unwrap_or_else(|| "original destination".into());
+    tokio::spawn(watch_policy(Arc::clone(&shared), hup, label));
     tokio::select! {
         r = session::serve(listener, Arc::clone(&shared)) => r.context("listener failed")?,
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),

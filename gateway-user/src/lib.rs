@@ -7,6 +7,7 @@
 pub mod audit;
 pub mod config;
 pub mod gateway;
+pub mod intercept;
 pub mod policy;
 pub mod session;
 pub mod sql;

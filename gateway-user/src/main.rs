@@ -28,6 +28,105 @@ enum Command {
     /// Check policy files and explain decisions.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Attach, detach and inspect the eBPF probes (needs root or CAP_BPF).
+    #[command(subcommand)]
+    Probes(ProbesCommand),
+}
+
+#[derive(Subcommand)]
+enum ProbesCommand {
+    /// Attach the probes to a cgroup and pin them under /sys/fs/bpf/agentgate
+    /// (attaching twice only refreshes the settings).
+    Attach {
+        /// The cgroup (path, or `auto`: this pod's cgroup).
+        #[arg(long, value_name = "PATH|auto")]
+        cgroup: String,
+        /// The compiled probes [default: $AGENTGATE_PROBES, else agentgate-probes next to this binary].
+        #[arg(long, value_name = "PATH")]
+        probes: Option<PathBuf>,
+        /// The sidecar's uid, whose connections are never redirected [default: this process's].
+        #[arg(long, value_name = "UID")]
+        sidecar_uid: Option<u32>,
+        /// The sidecar's gid [default: this process's].
+        #[arg(long, value_name = "GID")]
+        sidecar_gid: Option<u32>,
+        /// Where redirected connections go: the sidecar's listener.
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:15432")]
+        redirect: std::net::SocketAddrV4,
+        /// Destination port to capture (repeat for several) [default: 5432].
+        #[arg(long = "capture-port", value_name = "PORT")]
+        capture_ports: Vec<u16>,
+    },
+    /// Detach and unpin the probes of one cgroup, or of every cgroup.
+    Detach {
+        #[arg(long, value_name = "PATH|auto")]
+        cgroup: Option<String>,
+    },
+    /// What is attached where, with the counters, as JSON.
+    Status,
+}
+
+fn probes_command(cmd: ProbesCommand) -> anyhow::Result<()> {
+    use agentgate::intercept;
+    let mut out = std::io::stdout().lock();
+    match cmd {
+        ProbesCommand::Attach {
+            cgroup,
+            probes,
+            sidecar_uid,
+            sidecar_gid,
+            redirect,
+            mut capture_ports,
+        } => {
+            if capture_ports.is_empty() {
+                capture_ports.push(gateway_common::POSTGRES_PORT);
+            }
+            let cgroup = intercept::cgroup::resolve(&cgroup)?;
+            let opts = intercept::AttachOptions {
+                cgroup: cgroup.clone(),
+                object: intercept::probe_object(probes.as_deref()),
+                sidecar_uid: sidecar_uid.unwrap_or_else(|| nix::unistd::geteuid().as_raw()),
+                sidecar_gid: sidecar_gid.unwrap_or_else(|| nix::unistd::getegid().as_raw()),
+                sidecar_cgroup: 0,
+                redirect: (*redirect.ip(), redirect.port()),
+                ports: capture_ports,
+            };
+            let (what, dir) = match intercept::attach(&opts)? {
+                intercept::Attached::New(d) => ("attached", d),
+                intercept::Attached::Existing(d) => ("already attached (settings refreshed)", d),
+            };
+            writeln!(
+                out,
+                "{what}: {} (pins in {})",
+                cgroup.display(),
+                dir.display()
+            )?;
+        }
+        ProbesCommand::Detach { cgroup } => match cgroup {
+            Some(c) => {
+                let path = intercept::cgroup::resolve(&c)?;
+                let done = intercept::detach(&path)?;
+                writeln!(
+                    out,
+                    "{}: {}",
+                    path.display(),
+                    if done { "detached" } else { "nothing attached" }
+                )?;
+            }
+            None => {
+                let n = intercept::detach_all()?;
+                writeln!(out, "detached {n} cgroup(s)")?;
+            }
+        },
+        ProbesCommand::Status => {
+            writeln!(
+                out,
+                "{}",
+                serde_json::to_string_pretty(&intercept::status()?)?
+            )?;
+        }
+    }
+    Ok(())
 }
 
 #[derive(Subcommand)]
@@ -150,6 +249,13 @@ fn main() -> ExitCode {
     init_tracing();
     match cli.command {
         Command::Policy(cmd) => policy_command(cmd),
+        Command::Probes(cmd) => match probes_command(cmd) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("agentgate: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Run(args) => {
             let result = Settings::resolve(args, std::env::var(UPSTREAM_PASSWORD_ENV).ok())
                 .map_err(anyhow::Error::from)

@@ -15,6 +15,10 @@ pub struct Actor {
     pub auth: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub application_name: Option<String>,
+    /// Facts from the kernel (eBPF interception): pid, uid, gid, comm,
+    /// cgroup. Absent when the connection was not intercepted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<crate::intercept::KernelIdentity>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -26,6 +30,9 @@ pub struct Source {
 #[derive(Debug, Clone, Serialize)]
 pub struct Target {
     pub addr: String,
+    /// The destination the client connected to, before redirection.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub original_dst: Option<String>,
     pub database: String,
     pub user: String,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -50,6 +57,7 @@ impl SessionInfo {
                 user: "agentgate".into(),
                 auth: "process",
                 application_name: None,
+                kernel: None,
             },
             source: Source {
                 addr: "local".into(),
@@ -57,6 +65,7 @@ impl SessionInfo {
             },
             target: Target {
                 addr: upstream.to_owned(),
+                original_dst: None,
                 database: String::new(),
                 user: String::new(),
                 backend_pid: None,

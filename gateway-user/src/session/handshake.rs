@@ -54,6 +54,25 @@ fn session_id() -> String {
 
 pub async fn handle(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     let _ = tcp.set_nodelay(true);
+    // What the kernel says, read before anything the client sends.
+    let kernel = shared.intercept.as_ref().map(|i| i.facts(&tcp, peer));
+    let original = kernel.as_ref().and_then(|k| k.original_dst);
+    let Some(upstream_addr) = shared
+        .upstream
+        .addr
+        .clone()
+        .or_else(|| original.map(|o| o.to_string()))
+    else {
+        let mut tcp = tcp;
+        tracing::warn!(%peer, "connection without an original destination and no --upstream");
+        fatal(
+            &mut tcp,
+            CANNOT_CONNECT,
+            "agentgate: this connection was not redirected by the probes and no upstream is configured",
+        )
+        .await;
+        return;
+    };
     let (mut client, startup) = match negotiate(tcp, &shared).await {
         Ok(Some(c)) => c,
         Ok(None) => return,
@@ -78,13 +97,15 @@ pub async fn handle(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
                 ClientAuth::Scram(_) => "scram-sha-256",
             },
             application_name: startup.get("application_name").map(str::to_owned),
+            kernel: kernel.as_ref().and_then(|k| k.identity.clone()),
         },
         source: Source {
             addr: peer.to_string(),
             tls: client.is_tls(),
         },
         target: Target {
-            addr: shared.upstream.addr.clone(),
+            addr: upstream_addr.clone(),
+            original_dst: original.map(|o| o.to_string()),
             database: database.clone(),
             user: shared.upstream.user.clone(),
             backend_pid: None,
@@ -117,12 +138,16 @@ pub async fn handle(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         }
     }
 
+    let ident = kernel.as_ref().and_then(|k| k.identity.as_ref());
     let who = Who {
         agent: matches!(shared.client_auth, ClientAuth::Scram(_)).then(|| user.clone()),
         client_addr: Some(peer.ip()),
+        uid: ident.map(|k| k.uid),
+        gid: ident.map(|k| k.gid),
+        comm: ident.map(|k| k.comm.clone()),
+        cgroup: ident.and_then(|k| k.cgroup.clone()),
         startup_user: user.clone(),
         database: database.clone(),
-        ..Who::default()
     };
 
     // Everything the client asked for goes upstream, but the gateway logs in
@@ -138,38 +163,39 @@ pub async fn handle(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
             .filter(|(k, _)| !matches!(k.as_str(), "user" | "database" | "replication"))
             .map(|(k, v)| (k.as_str(), v.as_str())),
     );
-    let up = match upstream::connect(&shared.upstream, startup.version, &params).await {
-        Ok(u) => u,
-        Err(e) => {
-            tracing::warn!(session = %info.session, error = %e, "upstream login failed");
-            match (&e, e.is_credentials()) {
-                (UpstreamError::Server { frame, .. }, false) => {
-                    let _ = client.write_all(frame.as_bytes()).await;
+    let up =
+        match upstream::connect(&shared.upstream, &upstream_addr, startup.version, &params).await {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::warn!(session = %info.session, error = %e, "upstream login failed");
+                match (&e, e.is_credentials()) {
+                    (UpstreamError::Server { frame, .. }, false) => {
+                        let _ = client.write_all(frame.as_bytes()).await;
+                    }
+                    (_, true) => {
+                        fatal(
+                            &mut client,
+                            REJECTED_CONNECTION,
+                            "agentgate: the database refused the gateway's credentials",
+                        )
+                        .await
+                    }
+                    _ => {
+                        fatal(
+                            &mut client,
+                            CANNOT_CONNECT,
+                            &format!("agentgate: cannot reach the database: {e}"),
+                        )
+                        .await
+                    }
                 }
-                (_, true) => {
-                    fatal(
-                        &mut client,
-                        REJECTED_CONNECTION,
-                        "agentgate: the database refused the gateway's credentials",
-                    )
-                    .await
-                }
-                _ => {
-                    fatal(
-                        &mut client,
-                        CANNOT_CONNECT,
-                        &format!("agentgate: cannot reach the database: {e}"),
-                    )
-                    .await
-                }
+                refused(&shared, info, format!("upstream: {e}")).await;
+                return;
             }
-            refused(&shared, info, format!("upstream: {e}")).await;
-            return;
-        }
-    };
+        };
 
     let minted = shared.cancel.register(CancelTarget {
-        addr: shared.upstream.addr.clone(),
+        addr: upstream_addr.clone(),
         pid: up.pid,
         key: up.key,
     });

@@ -38,6 +38,8 @@ pub struct Shared {
     pub client_tls: Option<tokio_rustls::TlsAcceptor>,
     pub client_auth: ClientAuth,
     pub max_frame_bytes: usize,
+    /// Set in intercept mode: the kernel's records of redirected connections.
+    pub intercept: Option<crate::intercept::Interception>,
 }
 
 /// Accepts clients until the task is dropped.

@@ -17,7 +17,9 @@ use crate::wire::{Frame, FrameSplitter};
 /// How to reach and log in to the database.
 #[derive(Clone)]
 pub struct UpstreamSettings {
-    pub addr: String,
+    /// The configured database; in intercept mode, the fallback when a
+    /// connection carries no original destination (or the pinned target).
+    pub addr: Option<String>,
     pub user: String,
     pub password: Option<String>,
     pub tls: Option<Arc<rustls::ClientConfig>>,
@@ -93,10 +95,11 @@ pub fn backend_splitter() -> FrameSplitter {
 
 pub async fn connect(
     settings: &UpstreamSettings,
+    addr: &str,
     version: i32,
     params: &[(&str, &str)],
 ) -> Result<Upstream, UpstreamError> {
-    let addr = settings.addr.clone();
+    let addr = addr.to_owned();
     let tcp = tokio::time::timeout(settings.connect_timeout, TcpStream::connect(&addr))
         .await
         .map_err(|_| UpstreamError::Timeout { addr: addr.clone() })?

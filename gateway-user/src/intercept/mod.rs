@@ -1,0 +1,118 @@
+//! Interception by eBPF: load, attach, pin and detach the probes; the
+//! original destination and the kernel's identity of each caller.
+
+pub mod cgroup;
+pub mod probes;
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::os::fd::AsFd;
+
+use serde::Serialize;
+
+pub use probes::{
+    attach, detach, detach_all, status, AttachOptions, Attached, InterceptError, PeerTable,
+    SidecarProbes,
+};
+
+/// Where the compiled probes are: the given path, $AGENTGATE_PROBES, or
+/// `agentgate-probes` next to this binary.
+pub fn probe_object(given: Option<&std::path::Path>) -> std::path::PathBuf {
+    if let Some(p) = given {
+        return p.to_owned();
+    }
+    if let Some(p) = std::env::var_os("AGENTGATE_PROBES") {
+        return p.into();
+    }
+    std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|d| d.join("agentgate-probes")))
+        .unwrap_or_else(|| "agentgate-probes".into())
+}
+
+/// What the kernel says about the process behind a connection.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct KernelIdentity {
+    pub pid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub comm: String,
+    pub cgroup_id: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<String>,
+}
+
+impl KernelIdentity {
+    pub fn from_record(r: &gateway_common::ConnRecord, cgroup: Option<String>) -> Self {
+        let end = r.comm.iter().position(|b| *b == 0).unwrap_or(r.comm.len());
+        Self {
+            pid: r.pid,
+            uid: r.uid,
+            gid: r.gid,
+            comm: String::from_utf8_lossy(&r.comm[..end]).into_owned(),
+            cgroup_id: r.cgroup_id,
+            cgroup,
+        }
+    }
+}
+
+/// `getsockopt(SOL_IP, SO_ORIGINAL_DST)` on an accepted socket: the same
+/// call a proxy behind iptables REDIRECT makes, answered by our probe.
+pub fn original_destination(sock: &impl AsFd) -> Option<SocketAddr> {
+    let sin = nix::sys::socket::getsockopt(sock, nix::sys::socket::sockopt::OriginalDst).ok()?;
+    let ip = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+    Some(SocketAddr::V4(SocketAddrV4::new(
+        ip,
+        u16::from_be(sin.sin_port),
+    )))
+}
+
+/// What the sidecar knows from the kernel about one accepted connection.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectionFacts {
+    pub original_dst: Option<SocketAddr>,
+    pub identity: Option<KernelIdentity>,
+}
+
+/// Intercept mode, as the sessions see it.
+pub struct Interception {
+    peers: PeerTable,
+    cgroup_root: std::path::PathBuf,
+    /// Keeps the sidecar's own probes attached while it runs.
+    _probes: SidecarProbes,
+}
+
+impl Interception {
+    pub fn new(cgroup: &std::path::Path, object: &std::path::Path) -> Result<Self, InterceptError> {
+        let probes = SidecarProbes::start(cgroup, object)?;
+        Ok(Self {
+            peers: PeerTable::open(cgroup)?,
+            cgroup_root: cgroup::cgroup2_mount()?,
+            _probes: probes,
+        })
+    }
+
+    /// The original destination (by getsockopt, as behind iptables) and
+    /// the caller's identity (from the probes' record of the connection).
+    pub fn facts(&self, sock: &impl AsFd, peer: SocketAddr) -> ConnectionFacts {
+        let record = self.peers.lookup(peer);
+        let original_dst = original_destination(sock).or_else(|| {
+            record.map(|r| {
+                SocketAddr::V4(SocketAddrV4::new(
+                    Ipv4Addr::from(r.orig_ip4.to_ne_bytes()),
+                    r.orig_port,
+                ))
+            })
+        });
+        let identity = record.map(|r| {
+            let path = cgroup::path_of_id(&self.cgroup_root, r.cgroup_id).map(|p| {
+                let rel = p.strip_prefix(&self.cgroup_root).unwrap_or(&p);
+                format!("/{}", rel.display())
+            });
+            KernelIdentity::from_record(&r, path)
+        });
+        ConnectionFacts {
+            original_dst,
+            identity,
+        }
+    }
+}

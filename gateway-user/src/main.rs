@@ -24,7 +24,7 @@ enum Command {
     ///
     /// Audit records go to stdout (or --audit PATH), diagnostics to stderr
     /// (level from AGENTGATE_LOG, e.g. `debug`).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Check policy files and explain decisions.
     #[command(subcommand)]
     Policy(PolicyCommand),
@@ -257,7 +257,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Run(args) => {
-            let result = Settings::resolve(args, std::env::var(UPSTREAM_PASSWORD_ENV).ok())
+            let result = Settings::resolve(*args, std::env::var(UPSTREAM_PASSWORD_ENV).ok())
                 .map_err(anyhow::Error::from)
                 .and_then(|settings| {
                     tokio::runtime::Builder::new_multi_thread()

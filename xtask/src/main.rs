@@ -30,6 +30,25 @@ enum Task {
         #[arg(long)]
         fuzz_seconds: Option<u64>,
     },
+    /// Build the eBPF probes (nightly, bpfel-unknown-none, bpf-linker) and
+    /// place them next to the agentgate binaries.
+    BuildEbpf,
+    /// Build everything: the probes and the workspace.
+    Build,
+    /// Attach the probes to a cgroup with the built binary.
+    Load {
+        /// Cgroup path or `auto`.
+        #[arg(long)]
+        cgroup: String,
+        /// Extra `agentgate probes attach` flags.
+        #[arg(last = true)]
+        rest: Vec<String>,
+    },
+    /// Detach the probes (one cgroup, or all).
+    Unload {
+        #[arg(long)]
+        cgroup: Option<String>,
+    },
     /// Set up, then run the built-in demo: a throwaway PostgreSQL with sample
     /// customers, the gateway in front, a scripted agent, audit JSON on stdout.
     Demo {
@@ -57,6 +76,29 @@ fn main() -> Result<()> {
                 setup::run()?;
             }
             test(fuzz_seconds)
+        }
+        Task::BuildEbpf => build_ebpf().map(|_| ()),
+        Task::Build => {
+            build_ebpf()?;
+            exec(cargo().args(["build", "--workspace"]))
+        }
+        Task::Load { cgroup, rest } => {
+            build_ebpf()?;
+            exec(cargo().args(["build", "-p", "gateway-user"]))?;
+            exec(
+                Command::new(root().join("target/debug/agentgate"))
+                    .args(["probes", "attach", "--cgroup", &cgroup])
+                    .args(rest),
+            )
+        }
+        Task::Unload { cgroup } => {
+            exec(cargo().args(["build", "-p", "gateway-user"]))?;
+            let mut cmd = Command::new(root().join("target/debug/agentgate"));
+            cmd.args(["probes", "detach"]);
+            if let Some(c) = cgroup {
+                cmd.args(["--cgroup", &c]);
+            }
+            exec(&mut cmd)
         }
         Task::Bench { no_setup, args } => {
             if !no_setup {
@@ -99,8 +141,31 @@ fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
 }
 
+/// Builds the probes with the nightly toolchain and copies the object next
+/// to the debug and release binaries, where `agentgate` looks for it.
+pub fn build_ebpf() -> Result<std::path::PathBuf> {
+    let dir = root().join("gateway-ebpf");
+    exec(
+        Command::new("cargo")
+            .args(["+nightly", "build", "--release"])
+            .current_dir(&dir)
+            // The workspace's stable settings must not leak into the probe build.
+            .env_remove("RUSTFLAGS")
+            .env_remove("CARGO"),
+    )?;
+    let object = dir.join("target/bpfel-unknown-none/release/agentgate-probes");
+    for profile in ["debug", "release"] {
+        let out = root().join("target").join(profile);
+        std::fs::create_dir_all(&out)?;
+        std::fs::copy(&object, out.join("agentgate-probes"))
+            .with_context(|| format!("copying {}", object.display()))?;
+    }
+    Ok(object)
+}
+
 fn test(fuzz_seconds: Option<u64>) -> Result<()> {
     let ci = std::env::var("CI").is_ok_and(|v| v == "true");
+    let probes = build_ebpf()?;
     exec(cargo().args(["fmt", "--all", "--", "--check"]))?;
     exec(cargo().args([
         "clippy",
@@ -111,7 +176,11 @@ fn test(fuzz_seconds: Option<u64>) -> Result<()> {
         "warnings",
     ]))?;
     exec(cargo().args(["build", "-p", "gateway-user"]))?;
-    exec(cargo().args(["test", "--workspace", "--", "--test-threads", "2"]))?;
+    exec(
+        cargo()
+            .args(["test", "--workspace", "--", "--test-threads", "2"])
+            .env("AGENTGATE_PROBES", &probes),
+    )?;
     let fuzz = fuzz_seconds.unwrap_or(if ci { 60 } else { 0 });
     if fuzz > 0 {
         setup::fuzz_tools()?;

@@ -11,11 +11,15 @@ use crate::exec;
 /// server and clients the tests start, pgbouncer for the benchmark.
 const DEBIAN_PACKAGES: &[&str] = &[
     "libclang-dev",
+    // bpf-linker links the probes against LLVM 22.
+    "llvm-22-dev",
+    "libpolly-22-dev",
     "clang",
     "postgresql-15",
     "postgresql-client-15",
     "pgbouncer",
     "iproute2",
+    "bpftool",
     "util-linux",
 ];
 
@@ -25,6 +29,7 @@ const PYTHON_PACKAGES: &[&str] = &["psycopg[binary]==3.3.9", "pytest==9.2.0"];
 pub fn run() -> Result<()> {
     debian()?;
     nightly()?;
+    bpf_linker()?;
     python()?;
     eprintln!("xtask: setup complete");
     Ok(())
@@ -93,6 +98,26 @@ fn nightly() -> Result<()> {
         ]))?;
     }
     Ok(())
+}
+
+/// bpf-linker, pinned, built against the system's LLVM 22.
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+fn bpf_linker() -> Result<()> {
+    let have = Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if have {
+        return Ok(());
+    }
+    exec(
+        Command::new("cargo")
+            .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION])
+            .args(["--no-default-features", "--features", "llvm-22"])
+            .env("LLVM_PREFIX", "/usr/lib/llvm-22"),
+    )
 }
 
 fn python() -> Result<()> {

@@ -51,10 +51,24 @@ impl Gateway {
 
     /// A gateway with exactly these `run` flags (plus --listen and --audit).
     pub fn start_raw(dir: tempfile::TempDir, args: &[String]) -> Gateway {
+        Self::start_wrapped(dir, &[], args)
+    }
+
+    /// As `start_raw`, run through `wrapper` (a command prefix, e.g. one
+    /// that moves the process into a cgroup first).
+    pub fn start_wrapped(dir: tempfile::TempDir, wrapper: &[String], args: &[String]) -> Gateway {
         let port = crate::free_port();
         let audit = dir.path().join("audit.jsonl");
         let stderr = std::fs::File::create(dir.path().join("stderr.log")).expect("stderr log");
-        let child = Command::new(binary())
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(binary());
+                c
+            }
+            None => Command::new(binary()),
+        };
+        let child = cmd
             .arg("run")
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .arg("--audit")

@@ -3,6 +3,7 @@
 
 pub mod cluster;
 pub mod gateway;
+pub mod intercept;
 pub mod raw;
 
 pub use cluster::Cluster;

@@ -1,0 +1,101 @@
+//! Privileged test fixtures: a child cgroup, processes started inside it
+//! (optionally as another uid), and the probes detached afterwards.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+/// Whether privileged tests can run here. In CI (`CI=true`) they must: a
+/// missing privilege fails the test instead of skipping it.
+pub fn privileged() -> bool {
+    if crate::is_root() {
+        return true;
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("privileged tests must run as root when CI=true");
+    }
+    eprintln!("skipping a privileged test: not root");
+    false
+}
+
+pub struct TestCgroup {
+    pub path: PathBuf,
+}
+
+impl TestCgroup {
+    pub fn new(name: &str) -> TestCgroup {
+        let mount = agentgate::intercept::cgroup::cgroup2_mount().expect("a cgroup v2 mount");
+        let path = mount.join(format!("agentgate-test-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&path).expect("create the test cgroup");
+        TestCgroup { path }
+    }
+
+    /// A command prefix that moves the process into this cgroup, then
+    /// (with `uid`) drops to that uid and gid, then runs what follows.
+    pub fn wrapper(&self, uid: Option<u32>) -> Vec<String> {
+        let mut w = vec![
+            "sh".to_string(),
+            "-c".into(),
+            format!(
+                "echo $$ > {}/cgroup.procs && exec \"$@\"",
+                self.path.display()
+            ),
+            "sh".into(),
+        ];
+        if let Some(uid) = uid {
+            w.extend([
+                "setpriv".into(),
+                format!("--reuid={uid}"),
+                format!("--regid={uid}"),
+                "--clear-groups".into(),
+            ]);
+        }
+        w
+    }
+
+    /// `program args...` inside the cgroup, as `uid` when given.
+    pub fn command(&self, uid: Option<u32>, program: &str) -> Command {
+        let w = self.wrapper(uid);
+        let mut c = Command::new(&w[0]);
+        c.args(&w[1..]).arg(program);
+        c
+    }
+
+    pub fn attach(&self, extra: &[&str]) -> std::process::Output {
+        Command::new(crate::gateway::binary())
+            .args(["probes", "attach", "--cgroup"])
+            .arg(&self.path)
+            .args(extra)
+            .output()
+            .expect("run agentgate probes attach")
+    }
+
+    pub fn detach(&self) -> std::process::Output {
+        Command::new(crate::gateway::binary())
+            .args(["probes", "detach", "--cgroup"])
+            .arg(&self.path)
+            .output()
+            .expect("run agentgate probes detach")
+    }
+
+    /// The directory the probes pin into for this cgroup.
+    pub fn pin_dir(&self) -> PathBuf {
+        agentgate::intercept::probes::pin_dir(&self.path).expect("pin dir")
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        let _ = self.detach();
+        if let Ok(procs) = std::fs::read_to_string(self.path.join("cgroup.procs")) {
+            for pid in procs.split_whitespace() {
+                let _ = Command::new("kill").args(["-9", pid]).status();
+            }
+        }
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.path).is_ok() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+}

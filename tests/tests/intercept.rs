@@ -1,0 +1,298 @@
+//! Interception by the real probes in a real cgroup (privileged: run as
+//! root; in CI they always run). Clients run as uid 65534 inside the cgroup
+//! and connect to the database's own address; the gateway runs in the same
+//! cgroup, as a sidecar runs in its pod, excluded by its own uid.
+
+use std::process::Command;
+
+use agentgate_tests::cluster::{GW_PASSWORD, GW_USER, PG_BIN};
+use agentgate_tests::intercept::{privileged, TestCgroup};
+use agentgate_tests::{Cluster, Gateway};
+
+const AGENT_UID: u32 = 65534;
+
+/// A cluster, a cgroup and an intercepting gateway inside it.
+fn setup(name: &str) -> (Cluster, TestCgroup, Gateway) {
+    let db = Cluster::start();
+    let cg = TestCgroup::new(name);
+    let dir = tempfile::tempdir().unwrap();
+    let pw = dir.path().join("pw");
+    std::fs::write(&pw, GW_PASSWORD).unwrap();
+    let gw = Gateway::start_wrapped(
+        dir,
+        &cg.wrapper(None),
+        &[
+            "--intercept".into(),
+            "ebpf".into(),
+            "--cgroup".into(),
+            cg.path.display().to_string(),
+            "--capture-port".into(),
+            db.port.to_string(),
+            "--upstream-user".into(),
+            GW_USER.into(),
+            "--upstream-password-file".into(),
+            pw.display().to_string(),
+        ],
+    );
+    (db, cg, gw)
+}
+
+fn psql_in(cg: &TestCgroup, host: &str, port: u16, sql: &str) -> std::process::Output {
+    cg.command(Some(AGENT_UID), "psql")
+        .args(["-X", "-A", "-t", "-d"])
+        .arg(format!(
+            "host={host} port={port} user=agent dbname=postgres connect_timeout=5"
+        ))
+        .args(["-c", sql])
+        .output()
+        .unwrap()
+}
+
+fn counters() -> serde_json::Value {
+    let out = Command::new(agentgate_tests::gateway::binary())
+        .args(["probes", "status"])
+        .output()
+        .unwrap();
+    serde_json::from_slice(&out.stdout).unwrap_or_default()
+}
+
+#[test]
+fn psql_and_pgbench_reach_the_database_only_through_the_gateway() {
+    if !privileged() {
+        return;
+    }
+    let (db, cg, gw) = setup("through");
+    let out = psql_in(&cg, "127.0.0.1", db.port, "SELECT current_user");
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        gw.stderr()
+    );
+    // The database saw the gateway's role: the agent never held credentials.
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), GW_USER);
+
+    let recs = gw.wait_audit(1, |r| r["event"] == "statement");
+    let r = &recs[0];
+    assert_eq!(r["actor"]["kernel"]["uid"], AGENT_UID);
+    assert_eq!(r["actor"]["kernel"]["comm"], "psql");
+    assert!(r["actor"]["kernel"]["pid"].as_u64().is_some_and(|p| p > 1));
+    assert!(r["actor"]["kernel"]["cgroup"]
+        .as_str()
+        .is_some_and(|c| c.contains("agentgate-test-through")));
+    assert_eq!(
+        r["target"]["original_dst"],
+        format!("127.0.0.1:{}", db.port)
+    );
+    assert_eq!(r["target"]["addr"], format!("127.0.0.1:{}", db.port));
+
+    // pgbench's tables are made directly by the owner; the benchmark runs
+    // as the agent, through the gateway.
+    let init = Command::new(format!("{PG_BIN}/pgbench"))
+        .args(["-i", "-q", "-s", "1", "-h"])
+        .arg(db.dir.path())
+        .args(["-p", &db.port.to_string(), "-U", "postgres", "postgres"])
+        .output()
+        .unwrap();
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let bench = cg
+        .command(Some(AGENT_UID), &format!("{PG_BIN}/pgbench"))
+        .args([
+            "-n",
+            "-S",
+            "-c",
+            "2",
+            "-t",
+            "20",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &db.port.to_string(),
+        ])
+        .args(["-U", "agent", "postgres"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&bench.stdout);
+    assert!(
+        bench.status.success(),
+        "{}\n{text}",
+        String::from_utf8_lossy(&bench.stderr)
+    );
+    assert!(text.contains("number of failed transactions: 0"), "{text}");
+    let pgb = gw.wait_audit(40, |r| {
+        r["event"] == "statement" && r["actor"]["kernel"]["comm"] == "pgbench"
+    });
+    assert!(pgb.iter().all(|r| r["actor"]["kernel"]["uid"] == AGENT_UID));
+
+    // The sidecar answered getsockopt(SO_ORIGINAL_DST) from the probes, and
+    // its own upstream connections were let through, not redirected.
+    let status = counters();
+    let scope = status
+        .as_array()
+        .and_then(|a| {
+            a.iter().find(|s| {
+                s["pin_dir"]
+                    .as_str()
+                    .is_some_and(|p| p.contains("agentgate-test-through"))
+            })
+        })
+        .cloned()
+        .expect("the test cgroup's scope in probes status");
+    assert!(
+        scope["counters"]["redirected"].as_u64().unwrap() >= 3,
+        "{scope}"
+    );
+    assert!(
+        scope["counters"]["lookup_hit"].as_u64().unwrap() >= 1,
+        "{scope}"
+    );
+    assert!(
+        scope["counters"]["skipped"].as_u64().unwrap() >= 1,
+        "{scope}"
+    );
+}
+
+#[test]
+fn clients_outside_the_cgroup_go_direct_and_ipv4_mapped_ipv6_is_intercepted() {
+    if !privileged() {
+        return;
+    }
+    let (db, cg, gw) = setup("scope");
+    // Outside the cgroup: direct, not audited.
+    let out = Command::new("setpriv")
+        .args([
+            format!("--reuid={AGENT_UID}"),
+            format!("--regid={AGENT_UID}"),
+            "--clear-groups".into(),
+        ])
+        .args(["psql", "-X", "-A", "-t", "-d"])
+        .arg(format!(
+            "host=127.0.0.1 port={} user={GW_USER} password={GW_PASSWORD} dbname=postgres",
+            db.port
+        ))
+        .args(["-c", "SELECT 'outside'"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Inside, over an AF_INET6 socket to a v4-mapped address.
+    let out = psql_in(&cg, "::ffff:127.0.0.1", db.port, "SELECT 'mapped'");
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        gw.stderr()
+    );
+    let recs = gw.wait_audit(1, |r| r["event"] == "statement");
+    assert_eq!(
+        recs.len(),
+        1,
+        "only the client inside the cgroup is intercepted: {recs:#?}"
+    );
+    assert_eq!(recs[0]["actor"]["kernel"]["uid"], AGENT_UID);
+}
+
+#[test]
+fn with_the_sidecar_stopped_connections_fail_and_nobody_else_binds_its_port() {
+    if !privileged() {
+        return;
+    }
+    let (db, cg, gw) = setup("closed");
+    let listen = gw.port;
+    let pins = cg.pin_dir();
+    gw.stop();
+    assert!(pins.exists(), "interception must outlive the sidecar");
+    let out = psql_in(&cg, "127.0.0.1", db.port, "SELECT 1");
+    assert!(
+        !out.status.success(),
+        "a connection got through with the sidecar down"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("refused"), "{err}");
+    // Another process in the cgroup cannot take the sidecar's port.
+    let bind = cg
+        .command(Some(AGENT_UID), "/usr/bin/python3")
+        .args([
+            "-c",
+            &format!("import socket; s = socket.socket(); s.bind(('127.0.0.1', {listen}))"),
+        ])
+        .output()
+        .unwrap();
+    assert!(!bind.status.success());
+    assert!(
+        String::from_utf8_lossy(&bind.stderr).contains("PermissionError"),
+        "{}",
+        String::from_utf8_lossy(&bind.stderr)
+    );
+}
+
+#[test]
+fn attach_is_idempotent_and_detach_leaves_nothing() {
+    if !privileged() {
+        return;
+    }
+    let db = Cluster::start();
+    let cg = TestCgroup::new("pins");
+    let port = db.port.to_string();
+    let first = cg.attach(&["--capture-port", &port]);
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let second = cg.attach(&["--capture-port", &port]);
+    assert!(
+        second.status.success(),
+        "{}",
+        String::from_utf8_lossy(&second.stderr)
+    );
+    assert!(String::from_utf8_lossy(&second.stdout).contains("already attached"));
+    let pins = cg.pin_dir();
+    assert!(pins.join("link_connect4").exists());
+    // Attached and no sidecar: refused.
+    assert!(!psql_in(&cg, "127.0.0.1", db.port, "SELECT 1")
+        .status
+        .success());
+    let out = cg.detach();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!pins.exists(), "pins left behind");
+    if let Ok(out) = Command::new("bpftool")
+        .args(["cgroup", "show"])
+        .arg(&cg.path)
+        .output()
+    {
+        assert!(
+            String::from_utf8_lossy(&out.stdout).trim().is_empty()
+                || !String::from_utf8_lossy(&out.stdout).contains("connect"),
+            "programs still attached: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    // Detached: the client reaches the database directly again.
+    let out = cg
+        .command(Some(AGENT_UID), "psql")
+        .args(["-X", "-A", "-t", "-d"])
+        .arg(format!(
+            "host=127.0.0.1 port={} user={GW_USER} password={GW_PASSWORD} dbname=postgres",
+            db.port
+        ))
+        .args(["-c", "SELECT 1"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -19,6 +19,8 @@ pub const SUPERUSER: &str = "postgres";
 pub struct Cluster {
     pub dir: tempfile::TempDir,
     pub port: u16,
+    pub host: String,
+    pub netns: Option<String>,
     /// TLS files when the cluster was started with TLS.
     pub tls: Option<ClusterTls>,
 }
@@ -32,6 +34,10 @@ pub struct ClusterTls {
 pub struct Options {
     pub tls: bool,
     pub extra_conf: Vec<String>,
+    /// Run the server inside this network namespace (a name under
+    /// /var/run/netns), listening on `listen` instead of 127.0.0.1.
+    pub netns: Option<String>,
+    pub listen: Option<(String, u16)>,
 }
 
 const NOBODY: u32 = 65534;
@@ -82,9 +88,12 @@ impl Cluster {
             "initdb failed: {}",
             String::from_utf8_lossy(&status.stderr)
         );
-        let port = crate::free_port();
+        let (host, port) = opts
+            .listen
+            .clone()
+            .unwrap_or_else(|| ("127.0.0.1".to_string(), crate::free_port()));
         let mut conf = format!(
-            "port = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\n\
+            "port = {port}\nlisten_addresses = '{host}'\nunix_socket_directories = '{}'\n\
              shared_preload_libraries = 'pg_stat_statements'\nmax_connections = 300\n\
              fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n\
              password_encryption = 'scram-sha-256'\n",
@@ -124,11 +133,18 @@ impl Cluster {
                 "local all all trust\n\
                  host all {SUPERUSER} 127.0.0.1/32 trust\n\
                  host all {GW_MD5_USER} 127.0.0.1/32 md5\n\
-                 host all all 127.0.0.1/32 scram-sha-256\n"
+                 host all all 127.0.0.1/32 scram-sha-256\n\
+                 host all all 0.0.0.0/0 scram-sha-256\n"
             ),
         )
         .expect("write pg_hba.conf");
-        let c = Cluster { dir, port, tls };
+        let c = Cluster {
+            dir,
+            port,
+            host,
+            netns: opts.netns.clone(),
+            tls,
+        };
         c.pg_ctl("start");
         c.psql_super(&format!(
             "CREATE EXTENSION pg_stat_statements;
@@ -144,11 +160,33 @@ impl Cluster {
     }
 
     pub fn addr(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        format!("{}:{}", self.host, self.port)
     }
 
     pub fn pg_ctl(&self, action: &str) {
-        let mut cmd = Command::new(format!("{PG_BIN}/pg_ctl"));
+        // nsenter needs root; the server must not run as root: enter the
+        // namespace first, then drop to the owner with setpriv.
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/var/run/netns/{ns}"));
+                if crate::is_root() {
+                    c.args([
+                        "setpriv",
+                        "--reuid=65534",
+                        "--regid=65534",
+                        "--clear-groups",
+                    ]);
+                }
+                c.arg(format!("{PG_BIN}/pg_ctl"));
+                c
+            }
+            None => {
+                let mut c = Command::new(format!("{PG_BIN}/pg_ctl"));
+                as_db_owner(&mut c);
+                c
+            }
+        };
         cmd.arg("-D")
             .arg(self.data_dir())
             .args(["-w", "-t", "60", "-l"])
@@ -158,7 +196,7 @@ impl Cluster {
         if action == "stop" {
             cmd.args(["-m", "fast"]);
         }
-        let status = as_db_owner(&mut cmd).status().expect("run pg_ctl");
+        let status = cmd.status().expect("run pg_ctl");
         assert!(
             status.success(),
             "pg_ctl {action} failed; see {}",

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use crate::cluster::{wait_port, Cluster, GW_PASSWORD, GW_USER};
+use crate::cluster::{Cluster, GW_PASSWORD, GW_USER};
 
 /// Path of the built binary: AGENTGATE_BIN, or the workspace's target dir.
 pub fn binary() -> PathBuf {
@@ -80,7 +80,14 @@ impl Gateway {
             .spawn()
             .expect("start agentgate");
         let mut g = Gateway { port, dir, child };
-        if !wait_port(port) {
+        // Ready when it says so: the listener may sit in another network
+        // namespace, out of this process's reach.
+        let ready = crate::wait_for(std::time::Duration::from_secs(30), || {
+            g.stderr()
+                .contains("accepting PostgreSQL clients")
+                .then_some(())
+        });
+        if ready.is_none() || !g.is_running() {
             let _ = g.child.kill();
             panic!("agentgate did not start listening:\n{}", g.stderr());
         }

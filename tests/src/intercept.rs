@@ -99,3 +99,64 @@ impl Drop for TestCgroup {
         }
     }
 }
+
+/// A network namespace whose loopback also answers on a TEST-NET address,
+/// so a database can live "elsewhere" without leaving the machine.
+pub struct TestNetns {
+    pub name: String,
+}
+
+pub const ELSEWHERE: &str = "192.0.2.10";
+
+impl TestNetns {
+    pub fn new(name: &str) -> TestNetns {
+        let name = format!("agtest-{name}-{}", std::process::id());
+        let run = |args: &[&str]| {
+            let out = Command::new("ip").args(args).output().expect("run ip");
+            assert!(
+                out.status.success(),
+                "ip {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        run(&["netns", "add", &name]);
+        let ns = TestNetns { name };
+        // `ip netns exec` would remount /sys and hide the cgroup and bpf
+        // filesystems; nsenter only switches the network namespace.
+        for args in [
+            vec!["ip", "link", "set", "lo", "up"],
+            vec!["ip", "addr", "add", &format!("{ELSEWHERE}/32"), "dev", "lo"],
+        ] {
+            let out = Command::new("nsenter")
+                .arg(ns.nsenter_arg())
+                .args(&args)
+                .output()
+                .expect("nsenter");
+            assert!(
+                out.status.success(),
+                "{args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        ns
+    }
+
+    pub fn nsenter_arg(&self) -> String {
+        format!("--net=/var/run/netns/{}", self.name)
+    }
+
+    /// Prefixes a command (prefix) with entering this namespace.
+    pub fn wrap(&self, inner: Vec<String>) -> Vec<String> {
+        let mut w = vec!["nsenter".to_string(), self.nsenter_arg()];
+        w.extend(inner);
+        w
+    }
+}
+
+impl Drop for TestNetns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}

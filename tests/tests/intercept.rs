@@ -296,3 +296,65 @@ fn attach_is_idempotent_and_detach_leaves_nothing() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The database lives "elsewhere" (192.0.2.10:5432 in its own network
+/// namespace, shared with the pod); the agent connects to it by that
+/// address, and the audit says so.
+#[test]
+fn a_database_elsewhere_is_reached_through_the_gateway() {
+    use agentgate_tests::cluster::Options;
+    use agentgate_tests::intercept::{TestNetns, ELSEWHERE};
+    if !privileged() {
+        return;
+    }
+    let ns = TestNetns::new("elsewhere");
+    let db = Cluster::start_with(Options {
+        netns: Some(ns.name.clone()),
+        listen: Some((ELSEWHERE.into(), 5432)),
+        ..Default::default()
+    });
+    let cg = TestCgroup::new("elsewhere");
+    let dir = tempfile::tempdir().unwrap();
+    let pw = dir.path().join("pw");
+    std::fs::write(&pw, GW_PASSWORD).unwrap();
+    let gw = Gateway::start_wrapped(
+        dir,
+        &ns.wrap(cg.wrapper(None)),
+        &[
+            "--intercept".into(),
+            "ebpf".into(),
+            "--cgroup".into(),
+            cg.path.display().to_string(),
+            "--upstream-user".into(),
+            GW_USER.into(),
+            "--upstream-password-file".into(),
+            pw.display().to_string(),
+        ],
+    );
+    let client = ns.wrap(cg.wrapper(Some(AGENT_UID)));
+    let out = Command::new(&client[0])
+        .args(&client[1..])
+        .args(["psql", "-X", "-A", "-t", "-d"])
+        .arg(format!(
+            "host={ELSEWHERE} port=5432 user=agent dbname=postgres connect_timeout=5"
+        ))
+        .args(["-c", "SELECT inet_server_addr()"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        gw.stderr()
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), ELSEWHERE);
+    let recs = gw.wait_audit(1, |r| r["event"] == "statement");
+    assert_eq!(
+        recs[0]["target"]["original_dst"],
+        format!("{ELSEWHERE}:5432")
+    );
+    assert_eq!(recs[0]["target"]["addr"], format!("{ELSEWHERE}:5432"));
+    assert_eq!(recs[0]["actor"]["kernel"]["comm"], "psql");
+    drop(gw);
+    drop(db);
+}

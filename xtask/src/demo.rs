@@ -21,14 +21,27 @@ const AGENT_SCRIPT: &[(&str, &str)] = &[
     ),
     ("update one order", "UPDATE orders SET note = 'reviewed' WHERE id = 12"),
     ("send something that does not parse (denied)", "SELEC * FROM customers"),
+    ("try to read a server file (denied by policy)", "SELECT pg_read_file('/etc/passwd')"),
+    ("delete every order (needs approval: denied)", "DELETE FROM orders"),
     ("carry on in a new statement", "SELECT count(*) AS orders FROM orders"),
 ];
 
 pub fn run() -> Result<()> {
     exec(cargo().args(["build", "-p", "gateway-user"]))?;
+    // Interception needs root (eBPF, cgroups); without it the demo still
+    // shows the gateway, with the agent pointed at it directly.
+    let intercept = agentgate_tests::is_root();
+    if intercept {
+        crate::build_ebpf()?;
+    } else {
+        eprintln!(
+            "demo: not root, so no eBPF interception: the agent connects to the gateway directly"
+        );
+    }
     eprintln!("demo: starting a throwaway PostgreSQL 15 with sample customers");
     let db = Cluster::start();
     db.load_sample();
+    let cgroup = intercept.then(|| agentgate_tests::intercept::TestCgroup::new("demo"));
 
     let work = db.dir.path();
     let pw = work.join("gateway-password");
@@ -41,28 +54,72 @@ pub fn run() -> Result<()> {
         log.display()
     );
     eprintln!("demo: audit records follow on stdout, one JSON object per line\n");
-    let mut gateway = Command::new(agentgate_tests::gateway::binary())
-        .args(["run", "--listen", &format!("127.0.0.1:{port}")])
-        .args(["--upstream", &db.addr(), "--upstream-user", GW_USER])
+    let policy = crate::root().join("policies/corpus.yaml");
+    // The gateway runs inside the agent's cgroup, as a sidecar runs in its
+    // pod; its own uid keeps its connections from being redirected.
+    let mut gateway = match &cgroup {
+        Some(cg) => {
+            let mut c = cg.command(
+                None,
+                &agentgate_tests::gateway::binary().display().to_string(),
+            );
+            c.args(["run", "--intercept", "ebpf", "--cgroup"])
+                .arg(&cg.path)
+                .args(["--capture-port", &db.port.to_string()]);
+            c
+        }
+        None => {
+            let mut c = Command::new(agentgate_tests::gateway::binary());
+            c.args(["run", "--upstream", &db.addr()]);
+            c
+        }
+    };
+    let mut gateway = gateway
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--upstream-user",
+            GW_USER,
+        ])
         .arg("--upstream-password-file")
         .arg(&pw)
+        .arg("--policy")
+        .arg(&policy)
         .stdout(Stdio::inherit())
         .stderr(std::fs::File::create(&log)?)
         .spawn()
         .context("start agentgate")?;
-    if !wait_port(port) {
+    let ready = agentgate_tests::wait_for(Duration::from_secs(30), || {
+        std::fs::read_to_string(&log)
+            .ok()
+            .filter(|l| l.contains("accepting PostgreSQL clients"))
+    });
+    if ready.is_none() || !wait_port(port) {
         let _ = gateway.kill();
         bail!("agentgate did not start; see {}", log.display());
     }
 
-    // The agent knows nothing of the database's credentials: it connects
-    // to the gateway as "demo-agent" with no password.
+    // The agent knows nothing of the database's credentials. Intercepted,
+    // it connects to the database's real address as uid 65534 inside the
+    // cgroup, and the probes bring it to the gateway.
+    let target_port = if cgroup.is_some() { db.port } else { port };
     let dsn = format!(
-        "host=127.0.0.1 port={port} user=demo-agent dbname=postgres application_name=demo-agent"
+        "host=127.0.0.1 port={target_port} user=demo-agent dbname=postgres application_name=demo-agent"
     );
+    if let Some(cg) = &cgroup {
+        eprintln!(
+            "demo: the agent runs as uid 65534 in cgroup {} and connects to the database at {}",
+            cg.path.display(),
+            db.addr()
+        );
+    }
     for (what, sql) in AGENT_SCRIPT {
         eprintln!("\nagent> {what}: {sql}");
-        let out = Command::new("psql")
+        let mut psql = match &cgroup {
+            Some(cg) => cg.command(Some(65534), "psql"),
+            None => Command::new("psql"),
+        };
+        let out = psql
             .args(["-X", "-d", &dsn, "-c", sql])
             .stdout(Stdio::piped())
             .output()

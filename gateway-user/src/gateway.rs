@@ -24,7 +24,7 @@ const SHUTDOWN_FLUSH: Duration = Duration::from_secs(10);
 /// anything listens, so a bad configuration never serves.
 pub fn build(settings: &Settings) -> anyhow::Result<Arc<Shared>> {
     let policy = PolicyStore::open(settings.policy.as_deref())
-        .map_err(|problems| anyhow::anyhow!("invalid policy:\n  {}", problems.join("\n  ")))?;
+        .map_err(|problems| anyhow::anyhow!("invalid policy: {}", problems.join("; ")))?;
     match policy.current().1 {
         Some(p) => tracing::info!(policy = %p.label, rules = p.rules.len(), "policy loaded"),
         None => tracing::warn!(

@@ -11,29 +11,35 @@ use agentgate_tests::{Cluster, Gateway};
 
 const AGENT_UID: u32 = 65534;
 
-/// A cluster, a cgroup and an intercepting gateway inside it.
-fn setup(name: &str) -> (Cluster, TestCgroup, Gateway) {
-    let db = Cluster::start();
-    let cg = TestCgroup::new(name);
+/// An intercepting gateway run through `wrapper` (into the cgroup, and
+/// maybe a network namespace), capturing `port`.
+fn start_sidecar(cg: &TestCgroup, wrapper: &[String], port: u16) -> Gateway {
     let dir = tempfile::tempdir().unwrap();
     let pw = dir.path().join("pw");
     std::fs::write(&pw, GW_PASSWORD).unwrap();
-    let gw = Gateway::start_wrapped(
+    Gateway::start_wrapped(
         dir,
-        &cg.wrapper(None),
+        wrapper,
         &[
             "--intercept".into(),
             "ebpf".into(),
             "--cgroup".into(),
             cg.path.display().to_string(),
             "--capture-port".into(),
-            db.port.to_string(),
+            port.to_string(),
             "--upstream-user".into(),
             GW_USER.into(),
             "--upstream-password-file".into(),
             pw.display().to_string(),
         ],
-    );
+    )
+}
+
+/// A cluster, a cgroup and an intercepting gateway inside it.
+fn setup(name: &str) -> (Cluster, TestCgroup, Gateway) {
+    let db = Cluster::start();
+    let cg = TestCgroup::new(name);
+    let gw = start_sidecar(&cg, &cg.wrapper(None), db.port);
     (db, cg, gw)
 }
 
@@ -314,23 +320,7 @@ fn a_database_elsewhere_is_reached_through_the_gateway() {
         ..Default::default()
     });
     let cg = TestCgroup::new("elsewhere");
-    let dir = tempfile::tempdir().unwrap();
-    let pw = dir.path().join("pw");
-    std::fs::write(&pw, GW_PASSWORD).unwrap();
-    let gw = Gateway::start_wrapped(
-        dir,
-        &ns.wrap(cg.wrapper(None)),
-        &[
-            "--intercept".into(),
-            "ebpf".into(),
-            "--cgroup".into(),
-            cg.path.display().to_string(),
-            "--upstream-user".into(),
-            GW_USER.into(),
-            "--upstream-password-file".into(),
-            pw.display().to_string(),
-        ],
-    );
+    let gw = start_sidecar(&cg, &ns.wrap(cg.wrapper(None)), 5432);
     let client = ns.wrap(cg.wrapper(Some(AGENT_UID)));
     let out = Command::new(&client[0])
         .args(&client[1..])
@@ -355,6 +345,42 @@ fn a_database_elsewhere_is_reached_through_the_gateway() {
     );
     assert_eq!(recs[0]["target"]["addr"], format!("{ELSEWHERE}:5432"));
     assert_eq!(recs[0]["actor"]["kernel"]["comm"], "psql");
+
+    // pgbench too, every statement through the gateway to 192.0.2.10:5432.
+    let init = Command::new(format!("{PG_BIN}/pgbench"))
+        .args(["-i", "-q", "-s", "1", "-h"])
+        .arg(db.dir.path())
+        .args(["-p", "5432", "-U", "postgres", "postgres"])
+        .output()
+        .unwrap();
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let bench = Command::new(&client[0])
+        .args(&client[1..])
+        .arg(format!("{PG_BIN}/pgbench"))
+        .args([
+            "-n", "-c", "2", "-t", "10", "-h", ELSEWHERE, "-p", "5432", "-U", "agent", "postgres",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&bench.stdout);
+    assert!(
+        bench.status.success(),
+        "{}\n{text}",
+        String::from_utf8_lossy(&bench.stderr)
+    );
+    assert!(text.contains("number of failed transactions: 0"), "{text}");
+    let pgb = gw.wait_audit(140, |r| {
+        r["event"] == "statement" && r["actor"]["kernel"]["comm"] == "pgbench"
+    });
+    assert!(pgb
+        .iter()
+        .all(|r| r["target"]["addr"] == format!("{ELSEWHERE}:5432")
+            && r["actor"]["kernel"]["uid"] == AGENT_UID
+            && r["actor"]["kernel"]["pid"].as_u64().is_some()));
     drop(gw);
     drop(db);
 }

@@ -228,34 +228,31 @@ fn attach_program(
     let prog = bpf
         .program_mut(name)
         .ok_or_else(|| ebpf_err(what("finding the"))(&"missing from the object"))?;
-    // Links of these two types stay owned by the program (and by the
-    // process holding it).
+    // The three program types load and attach alike; only the cgroup
+    // sock_addr links can be turned into pinnable FdLinks (aya 0.14), the
+    // other two stay owned by the program and the process holding it.
+    macro_rules! load_attach {
+        ($ty:ty) => {{
+            let p: &mut $ty = prog
+                .try_into()
+                .map_err(|e| ebpf_err(what("typing the"))(&e))?;
+            p.load().map_err(|e| ebpf_err(what("loading the"))(&e))?;
+            let id = p
+                .attach(cgroup, CgroupAttachMode::Single)
+                .map_err(|e| ebpf_err(what("attaching the"))(&e))?;
+            (p, id)
+        }};
+    }
     if name == names::SOCKOPS {
-        let p: &mut SockOps = prog
-            .try_into()
-            .map_err(|e| ebpf_err(what("typing the"))(&e))?;
-        p.load().map_err(|e| ebpf_err(what("loading the"))(&e))?;
-        p.attach(cgroup, CgroupAttachMode::Single)
-            .map_err(|e| ebpf_err(what("attaching the"))(&e))?;
+        load_attach!(SockOps);
         return Ok(None);
     }
     if name == names::GETSOCKOPT {
-        let p: &mut CgroupSockopt = prog
-            .try_into()
-            .map_err(|e| ebpf_err(what("typing the"))(&e))?;
-        p.load().map_err(|e| ebpf_err(what("loading the"))(&e))?;
-        p.attach(cgroup, CgroupAttachMode::Single)
-            .map_err(|e| ebpf_err(what("attaching the"))(&e))?;
+        load_attach!(CgroupSockopt);
         return Ok(None);
     }
     let link: FdLink = {
-        let p: &mut CgroupSockAddr = prog
-            .try_into()
-            .map_err(|e| ebpf_err(what("typing the"))(&e))?;
-        p.load().map_err(|e| ebpf_err(what("loading the"))(&e))?;
-        let id = p
-            .attach(cgroup, CgroupAttachMode::Single)
-            .map_err(|e| ebpf_err(what("attaching the"))(&e))?;
+        let (p, id) = load_attach!(CgroupSockAddr);
         p.take_link(id)
             .map_err(|e| ebpf_err(what("keeping the"))(&e))?
             .try_into()

@@ -17,13 +17,26 @@ pub fn privileged() -> bool {
     false
 }
 
+/// The cgroup v2 mount, from /proc/self/mountinfo.
+pub fn cgroup2_mount() -> PathBuf {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").expect("read mountinfo");
+    info.lines()
+        .find_map(|l| {
+            let (before, after) = l.split_once(" - ")?;
+            (after.split_whitespace().next()? == "cgroup2")
+                .then(|| before.split_whitespace().nth(4))?
+        })
+        .map(PathBuf::from)
+        .expect("a cgroup v2 mount")
+}
+
 pub struct TestCgroup {
     pub path: PathBuf,
 }
 
 impl TestCgroup {
     pub fn new(name: &str) -> TestCgroup {
-        let mount = agentgate::intercept::cgroup::cgroup2_mount().expect("a cgroup v2 mount");
+        let mount = cgroup2_mount();
         let path = mount.join(format!("agentgate-test-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&path).expect("create the test cgroup");
         TestCgroup { path }
@@ -77,9 +90,23 @@ impl TestCgroup {
             .expect("run agentgate probes detach")
     }
 
-    /// The directory the probes pin into for this cgroup.
+    /// The directory the probes pin into for this cgroup: the documented
+    /// layout, /sys/fs/bpf/agentgate/<path below the cgroup2 mount, / as _>.
     pub fn pin_dir(&self) -> PathBuf {
-        agentgate::intercept::probes::pin_dir(&self.path).expect("pin dir")
+        let mount = cgroup2_mount();
+        let rel = self.path.strip_prefix(&mount).unwrap_or(&self.path);
+        let scope: String = rel
+            .to_string_lossy()
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        PathBuf::from("/sys/fs/bpf/agentgate").join(scope)
     }
 }
 

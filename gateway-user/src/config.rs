@@ -98,6 +98,10 @@ pub struct RunArgs {
     /// Destination port to capture (repeat for several) [default: 5432].
     #[arg(long = "capture-port", value_name = "PORT")]
     pub capture_ports: Vec<u16>,
+    /// Threads relaying sessions: 1 runs everything on one thread (like
+    /// pgbouncer), 0 one per CPU [default: 1].
+    #[arg(long, value_name = "N")]
+    pub worker_threads: Option<usize>,
 }
 
 /// An agent allowed to log in with `--client-auth password`.
@@ -135,6 +139,7 @@ pub struct FileConfig {
     pub probes: Option<PathBuf>,
     #[serde(default)]
     pub capture_ports: Vec<u16>,
+    pub worker_threads: Option<usize>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -175,6 +180,7 @@ pub struct Settings {
     pub cgroup: Option<String>,
     pub probes: Option<PathBuf>,
     pub capture_ports: Vec<u16>,
+    pub worker_threads: usize,
 }
 
 pub fn read_secret(what: &'static str, path: &Path) -> Result<String, ConfigError> {
@@ -292,6 +298,7 @@ impl Settings {
             cgroup,
             probes: args.probes.or(file.probes),
             capture_ports,
+            worker_threads: args.worker_threads.or(file.worker_threads).unwrap_or(1),
         })
     }
 }

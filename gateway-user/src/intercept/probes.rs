@@ -350,44 +350,55 @@ pub fn status() -> Result<Vec<ScopeStatus>, InterceptError> {
     }
     for e in std::fs::read_dir(root).map_err(io_err(root))? {
         let dir = e.map_err(io_err(root))?.path();
-        let programs = PINNED_PROGRAMS
-            .iter()
-            .filter(|p| dir.join(format!("link_{p}")).exists())
-            .map(|p| p.to_string())
-            .collect();
-        let mut counters = std::collections::BTreeMap::new();
-        let per_cpu: PerCpuArray<MapData, u64> =
-            PerCpuArray::try_from(Map::PerCpuArray(pinned_map(&dir, names::MAP_COUNTERS)?))
-                .map_err(|e| ebpf_err("counters")(&e))?;
-        for (i, name) in counter::NAMES.iter().enumerate() {
-            let total = per_cpu
-                .get(&(i as u32), 0)
-                .map(|v| v.iter().sum::<u64>())
-                .unwrap_or(0);
-            counters.insert(name.to_string(), total);
+        // A scope being detached meanwhile is not an error of the others.
+        match scope_status(&dir) {
+            Ok(st) => out.push(st),
+            Err(e) => {
+                tracing::debug!(dir = %dir.display(), error = %e, "scope vanished while reading")
+            }
         }
-        let cfg_map: Array<MapData, ProbeConfig> =
-            Array::try_from(Map::Array(pinned_map(&dir, names::MAP_CONFIG)?))
-                .map_err(|e| ebpf_err("config")(&e))?;
-        let cfg = cfg_map.get(&0, 0).unwrap_or_default();
-        out.push(ScopeStatus {
-            scope: dir
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default(),
-            pin_dir: dir.clone(),
-            programs,
-            counters,
-            sidecar_uid: cfg.sidecar_uid,
-            redirect: format!(
-                "{}:{}",
-                Ipv4Addr::from(cfg.redirect_ip4.to_ne_bytes()),
-                cfg.redirect_port
-            ),
-            ports: cfg.ports[..usize::from(cfg.nports).min(MAX_CAPTURE_PORTS)].to_vec(),
-        });
     }
     Ok(out)
+}
+
+fn scope_status(dir: &Path) -> Result<ScopeStatus, InterceptError> {
+    let dir = dir.to_owned();
+    let programs = PINNED_PROGRAMS
+        .iter()
+        .filter(|p| dir.join(format!("link_{p}")).exists())
+        .map(|p| p.to_string())
+        .collect();
+    let mut counters = std::collections::BTreeMap::new();
+    let per_cpu: PerCpuArray<MapData, u64> =
+        PerCpuArray::try_from(Map::PerCpuArray(pinned_map(&dir, names::MAP_COUNTERS)?))
+            .map_err(|e| ebpf_err("counters")(&e))?;
+    for (i, name) in counter::NAMES.iter().enumerate() {
+        let total = per_cpu
+            .get(&(i as u32), 0)
+            .map(|v| v.iter().sum::<u64>())
+            .unwrap_or(0);
+        counters.insert(name.to_string(), total);
+    }
+    let cfg_map: Array<MapData, ProbeConfig> =
+        Array::try_from(Map::Array(pinned_map(&dir, names::MAP_CONFIG)?))
+            .map_err(|e| ebpf_err("config")(&e))?;
+    let cfg = cfg_map.get(&0, 0).unwrap_or_default();
+    Ok(ScopeStatus {
+        scope: dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        pin_dir: dir.clone(),
+        programs,
+        counters,
+        sidecar_uid: cfg.sidecar_uid,
+        redirect: format!(
+            "{}:{}",
+            Ipv4Addr::from(cfg.redirect_ip4.to_ne_bytes()),
+            cfg.redirect_port
+        ),
+        ports: cfg.ports[..usize::from(cfg.nports).min(MAX_CAPTURE_PORTS)].to_vec(),
+    })
 }
 
 /// The sidecar's view of the redirected connections' records.

@@ -8,11 +8,6 @@ use clap::{Parser, Subcommand};
 
 use agentgate::config::{RunArgs, Settings, UPSTREAM_PASSWORD_ENV};
 
-// Statement analysis allocates many small, short-lived objects (parse
-// trees); mimalloc handles that pattern markedly better than glibc malloc.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// A PostgreSQL gateway for autonomous agents: it terminates the protocol,
 /// knows who is asking, judges every statement, and writes an audit record
 /// for each as a JSON line on stdout.

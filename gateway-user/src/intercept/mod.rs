@@ -73,10 +73,35 @@ pub struct ConnectionFacts {
     pub identity: Option<KernelIdentity>,
 }
 
+impl Interception {
+    fn cgroup_path(&self, id: u64) -> Option<String> {
+        let mut paths = self.paths.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(hit) = paths.get(&id) {
+            return hit.clone();
+        }
+        let found = cgroup::path_of_id(&self.cgroup_root, id).map(|p| {
+            let rel = p.strip_prefix(&self.cgroup_root).unwrap_or(&p);
+            format!("/{}", rel.display())
+        });
+        // Bounded: a pod has few cgroups; a churn of them only costs walks.
+        // A miss is not remembered: the cgroup may be found on a later try.
+        if found.is_some() {
+            if paths.len() >= 1024 {
+                paths.clear();
+            }
+            paths.insert(id, found.clone());
+        }
+        found
+    }
+}
+
 /// Intercept mode, as the sessions see it.
 pub struct Interception {
     peers: PeerTable,
     cgroup_root: std::path::PathBuf,
+    /// cgroup id -> path below the mount: a walk of the hierarchy is paid
+    /// once per cgroup, not once per connection.
+    paths: std::sync::Mutex<std::collections::HashMap<u64, Option<String>>>,
     /// Keeps the sidecar's own probes attached while it runs.
     _probes: SidecarProbes,
 }
@@ -87,6 +112,7 @@ impl Interception {
         Ok(Self {
             peers: PeerTable::open(cgroup)?,
             cgroup_root: cgroup::cgroup2_mount()?,
+            paths: Default::default(),
             _probes: probes,
         })
     }
@@ -103,13 +129,8 @@ impl Interception {
                 ))
             })
         });
-        let identity = record.map(|r| {
-            let path = cgroup::path_of_id(&self.cgroup_root, r.cgroup_id).map(|p| {
-                let rel = p.strip_prefix(&self.cgroup_root).unwrap_or(&p);
-                format!("/{}", rel.display())
-            });
-            KernelIdentity::from_record(&r, path)
-        });
+        let identity =
+            record.map(|r| KernelIdentity::from_record(&r, self.cgroup_path(r.cgroup_id)));
         ConnectionFacts {
             original_dst,
             identity,

@@ -62,6 +62,51 @@ fn counters() -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap_or_default()
 }
 
+/// Creates pgbench's tables directly, as their owner (not through the gateway).
+fn pgbench_init(db: &Cluster) {
+    let init = Command::new(format!("{PG_BIN}/pgbench"))
+        .args(["-i", "-q", "-s", "1", "-h"])
+        .arg(db.dir.path())
+        .args(["-p", &db.port.to_string(), "-U", "postgres", "postgres"])
+        .output()
+        .unwrap();
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+}
+
+/// Runs pgbench through `prefix` (into the cgroup, as the agent) and
+/// checks it completed with no failed transaction.
+fn pgbench_as_agent(prefix: &[String], host: &str, port: u16, args: &[&str]) {
+    let bench = Command::new(&prefix[0])
+        .args(&prefix[1..])
+        .arg(format!("{PG_BIN}/pgbench"))
+        .args([
+            "-n",
+            "-c",
+            "2",
+            "-h",
+            host,
+            "-p",
+            &port.to_string(),
+            "-U",
+            "agent",
+        ])
+        .args(args)
+        .arg("postgres")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&bench.stdout);
+    assert!(
+        bench.status.success(),
+        "{}\n{text}",
+        String::from_utf8_lossy(&bench.stderr)
+    );
+    assert!(text.contains("number of failed transactions: 0"), "{text}");
+}
+
 #[test]
 fn psql_and_pgbench_reach_the_database_only_through_the_gateway() {
     if !privileged() {
@@ -94,41 +139,13 @@ fn psql_and_pgbench_reach_the_database_only_through_the_gateway() {
 
     // pgbench's tables are made directly by the owner; the benchmark runs
     // as the agent, through the gateway.
-    let init = Command::new(format!("{PG_BIN}/pgbench"))
-        .args(["-i", "-q", "-s", "1", "-h"])
-        .arg(db.dir.path())
-        .args(["-p", &db.port.to_string(), "-U", "postgres", "postgres"])
-        .output()
-        .unwrap();
-    assert!(
-        init.status.success(),
-        "{}",
-        String::from_utf8_lossy(&init.stderr)
+    pgbench_init(&db);
+    pgbench_as_agent(
+        &cg.wrapper(Some(AGENT_UID)),
+        "127.0.0.1",
+        db.port,
+        &["-S", "-t", "20"],
     );
-    let bench = cg
-        .command(Some(AGENT_UID), &format!("{PG_BIN}/pgbench"))
-        .args([
-            "-n",
-            "-S",
-            "-c",
-            "2",
-            "-t",
-            "20",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &db.port.to_string(),
-        ])
-        .args(["-U", "agent", "postgres"])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&bench.stdout);
-    assert!(
-        bench.status.success(),
-        "{}\n{text}",
-        String::from_utf8_lossy(&bench.stderr)
-    );
-    assert!(text.contains("number of failed transactions: 0"), "{text}");
     let pgb = gw.wait_audit(40, |r| {
         r["event"] == "statement" && r["actor"]["kernel"]["comm"] == "pgbench"
     });
@@ -347,32 +364,8 @@ fn a_database_elsewhere_is_reached_through_the_gateway() {
     assert_eq!(recs[0]["actor"]["kernel"]["comm"], "psql");
 
     // pgbench too, every statement through the gateway to 192.0.2.10:5432.
-    let init = Command::new(format!("{PG_BIN}/pgbench"))
-        .args(["-i", "-q", "-s", "1", "-h"])
-        .arg(db.dir.path())
-        .args(["-p", "5432", "-U", "postgres", "postgres"])
-        .output()
-        .unwrap();
-    assert!(
-        init.status.success(),
-        "{}",
-        String::from_utf8_lossy(&init.stderr)
-    );
-    let bench = Command::new(&client[0])
-        .args(&client[1..])
-        .arg(format!("{PG_BIN}/pgbench"))
-        .args([
-            "-n", "-c", "2", "-t", "10", "-h", ELSEWHERE, "-p", "5432", "-U", "agent", "postgres",
-        ])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&bench.stdout);
-    assert!(
-        bench.status.success(),
-        "{}\n{text}",
-        String::from_utf8_lossy(&bench.stderr)
-    );
-    assert!(text.contains("number of failed transactions: 0"), "{text}");
+    pgbench_init(&db);
+    pgbench_as_agent(&client, ELSEWHERE, 5432, &["-t", "10"]);
     let pgb = gw.wait_audit(140, |r| {
         r["event"] == "statement" && r["actor"]["kernel"]["comm"] == "pgbench"
     });

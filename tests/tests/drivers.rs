@@ -222,17 +222,21 @@ async fn upstream_md5_and_trust_logins() {
     let dir = tempfile::tempdir().unwrap();
     let pw = dir.path().join("md5pw");
     std::fs::write(&pw, GW_MD5_PASSWORD).unwrap();
-    let md5 = Gateway::start_raw(
-        tempfile::tempdir().unwrap(),
-        &[
-            "--upstream".into(),
-            db.addr(),
-            "--upstream-user".into(),
-            GW_MD5_USER.into(),
-            "--upstream-password-file".into(),
-            pw.display().to_string(),
-        ],
-    );
+    // A gateway logging in as the MD5 role with whatever the file holds.
+    let md5_gateway = || {
+        Gateway::start_raw(
+            tempfile::tempdir().unwrap(),
+            &[
+                "--upstream".into(),
+                db.addr(),
+                "--upstream-user".into(),
+                GW_MD5_USER.into(),
+                "--upstream-password-file".into(),
+                pw.display().to_string(),
+            ],
+        )
+    };
+    let md5 = md5_gateway();
     let c = connect(&md5.dsn("agent_md5")).await;
     let who: String = c
         .query_one("SELECT current_user::text", &[])
@@ -259,17 +263,7 @@ async fn upstream_md5_and_trust_logins() {
     // Wrong gateway credentials: the client learns only that the gateway
     // was refused, never the database's own words about the gateway's role.
     std::fs::write(&pw, "wrong").unwrap();
-    let bad = Gateway::start_raw(
-        tempfile::tempdir().unwrap(),
-        &[
-            "--upstream".into(),
-            db.addr(),
-            "--upstream-user".into(),
-            GW_MD5_USER.into(),
-            "--upstream-password-file".into(),
-            pw.display().to_string(),
-        ],
-    );
+    let bad = md5_gateway();
     let err = tokio_postgres::connect(&bad.dsn("agent_x"), NoTls)
         .await
         .err()

@@ -123,12 +123,15 @@ pub fn root() -> std::path::PathBuf {
         .unwrap_or_else(|| ".".into())
 }
 
-/// Runs a command in the workspace root, failing with its name.
+/// Runs a command (in the workspace root unless it names its own
+/// directory), failing with its name.
 pub fn exec(cmd: &mut Command) -> Result<()> {
+    if cmd.get_current_dir().is_none() {
+        cmd.current_dir(root());
+    }
     let shown = format!("{cmd:?}");
     eprintln!("xtask: {shown}");
     let status = cmd
-        .current_dir(root())
         .status()
         .with_context(|| format!("cannot start {shown}"))?;
     if !status.success() {

@@ -8,6 +8,7 @@ pub mod audit;
 pub mod config;
 pub mod gateway;
 pub mod intercept;
+pub mod mask;
 pub mod policy;
 pub mod session;
 pub mod sql;

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use sha2::{Digest, Sha256};
 
 use super::glob::Pattern;
+use super::masking::{compile_mask_rule, MaskRule, MaskSet};
 use super::model::{IdentityDef, Mode, PolicyFile, RuleAction, RuleDef};
 use crate::sql::{Access, Feature};
 
@@ -154,6 +155,24 @@ pub struct Policy {
     pub label: Arc<str>,
     pub identities: Vec<Identity>,
     pub rules: Vec<Rule>,
+    pub masking: Vec<Arc<MaskRule>>,
+}
+
+impl Policy {
+    /// The masking rules for a session with these identities.
+    pub fn mask_set(&self, identities: &[usize]) -> MaskSet {
+        MaskSet::new(
+            self.masking
+                .iter()
+                .filter(|r| {
+                    r.identities
+                        .as_ref()
+                        .is_none_or(|ids| ids.iter().any(|i| identities.contains(i)))
+                })
+                .cloned()
+                .collect(),
+        )
+    }
 }
 
 /// Where a name sits in a file, for messages.
@@ -372,6 +391,30 @@ pub fn compile(sources: &[(PathBuf, String)]) -> Result<Policy, Vec<Problem>> {
             }
         }
     }
+    let mut masking: Vec<Arc<MaskRule>> = Vec::new();
+    for (path, text, f) in &files {
+        let mut c = Checker {
+            file: path,
+            text,
+            problems: &mut problems,
+        };
+        let dir = path.parent().unwrap_or(Path::new("."));
+        for def in &f.masking {
+            if masking.iter().any(|r| *r.name == *def.name)
+                || rules.iter().any(|r| *r.name == *def.name)
+            {
+                c.problem(&def.name, format!("rule {:?} is defined twice", def.name));
+            }
+            let mut found = Vec::new();
+            let rule = compile_mask_rule(def, &identities, dir, &mut |m| found.push(m));
+            for m in found {
+                c.problem(&def.name, m);
+            }
+            if let Some(r) = rule {
+                masking.push(Arc::new(r));
+            }
+        }
+    }
     if sources.is_empty() {
         problems.push(Problem {
             file: PathBuf::from("."),
@@ -414,6 +457,7 @@ pub fn compile(sources: &[(PathBuf, String)]) -> Result<Policy, Vec<Problem>> {
         label: Arc::from(format!("{name}@sha256:{hex}")),
         identities,
         rules,
+        masking,
     })
 }
 

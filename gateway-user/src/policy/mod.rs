@@ -14,6 +14,7 @@ mod compile;
 pub mod explain;
 mod glob;
 mod load;
+pub mod masking;
 pub mod model;
 mod store;
 

@@ -14,6 +14,9 @@ pub struct PolicyFile {
     pub identities: Vec<IdentityDef>,
     #[serde(default)]
     pub rules: Vec<RuleDef>,
+    /// What the identities may not see (see policies/README.md, "Masking").
+    #[serde(default)]
+    pub masking: Vec<MaskRuleDef>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, Default)]
@@ -99,4 +102,32 @@ pub struct RuleDef {
     /// With `objects`: which kinds of access (read, insert, update, delete,
     /// merge, copy_in, copy_out, ddl); all when absent.
     pub access: Option<Vec<String>>,
+}
+
+/// A masking rule: which values to hide from which identities, and how.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MaskRuleDef {
+    pub name: String,
+    /// Identities the rule is for; all sessions when absent.
+    pub identities: Option<Vec<String>>,
+    /// Protected columns as `schema.table.column`, globs allowed.
+    pub columns: Option<Vec<String>>,
+    /// Protected columns by column name alone, globs allowed.
+    pub column_names: Option<Vec<String>>,
+    /// Detectors applied to every value: email, ssn, card, phone, iban,
+    /// jwt, api_key, private_key.
+    pub detect: Option<Vec<String>>,
+    /// redact (default), null, partial, hash, format.
+    pub function: Option<String>,
+    /// For `partial`: how many trailing characters stay (default 4).
+    pub keep: Option<usize>,
+    /// For `hash`: a file holding the HMAC key (at least 16 bytes), relative
+    /// to the policy file.
+    pub secret_file: Option<String>,
+    /// What happens to a computed value that a protected column flows
+    /// into: `mask` (default) or `deny` the statement.
+    pub computed: Option<String>,
+    #[serde(default)]
+    pub controls: Vec<String>,
 }

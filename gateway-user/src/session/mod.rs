@@ -19,6 +19,7 @@ use crate::sql::AnalysisCache;
 
 pub use cancel::{CancelRegistry, CancelTarget};
 pub use client_auth::{AgentRegistry, ScramServer, Verifier};
+pub use stream::{read_frame, ReadError};
 pub use upstream::UpstreamSettings;
 
 /// How clients prove who they are.

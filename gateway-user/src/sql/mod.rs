@@ -7,6 +7,7 @@
 mod cache;
 mod facts;
 mod kind;
+pub mod lineage;
 
 use pg_query::{protobuf, NodeEnum};
 use serde::Serialize;
@@ -46,6 +47,9 @@ pub struct StatementFacts {
     /// the extended protocol can Bind by name.
     #[serde(skip)]
     pub prepared_effect: PreparedEffect,
+    /// Which source columns flow into the rows it returns (for masking).
+    #[serde(skip)]
+    pub output: lineage::Output,
 }
 
 /// SQL-level PREPARE and DEALLOCATE create and drop the same prepared
@@ -140,6 +144,7 @@ fn statement_facts(
     };
     let tree = serde_json::to_value(own).map_err(|e| e.to_string())?;
     let facts = facts::collect(kind, &tree);
+    let output = lineage::output(&tree);
 
     Ok(StatementFacts {
         text: normalized,
@@ -149,6 +154,7 @@ fn statement_facts(
         functions: facts.functions.into_iter().collect(),
         features: facts.features.into_iter().collect(),
         prepared_effect: prepared_effect(top),
+        output,
     })
 }
 

@@ -55,6 +55,9 @@ pub struct Bind<'a> {
     pub portal: &'a str,
     pub statement: &'a str,
     pub params: usize,
+    /// Result column format codes as sent: none (all text), one (for every
+    /// column) or one per column.
+    pub result_formats: Vec<i16>,
 }
 
 /// Decodes a Bind and checks every field, parameter values included, so a
@@ -84,20 +87,22 @@ pub fn decode_bind(body: &[u8]) -> Result<Bind<'_>, DecodeError> {
         }
     }
     let results = c.count16("result format count")?;
+    let mut result_formats = Vec::with_capacity(results);
     for _ in 0..results {
-        format_code(&mut c)?;
+        result_formats.push(format_code(&mut c)?);
     }
     c.finish()?;
     Ok(Bind {
         portal,
         statement,
         params,
+        result_formats,
     })
 }
 
-fn format_code(c: &mut Cursor<'_>) -> Result<(), DecodeError> {
+fn format_code(c: &mut Cursor<'_>) -> Result<i16, DecodeError> {
     match c.i16()? {
-        0 | 1 => Ok(()),
+        f @ (0 | 1) => Ok(f),
         _ => Err(DecodeError::Invalid {
             tag: 'B',
             what: "format code",

@@ -8,6 +8,7 @@
 pub mod backend;
 pub mod frame;
 pub mod frontend;
+pub mod rows;
 pub mod startup;
 
 pub use frame::{Frame, FrameError, FrameSplitter};

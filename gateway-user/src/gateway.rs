@@ -51,18 +51,20 @@ pub fn build(settings: &Settings) -> anyhow::Result<Arc<Shared>> {
         InterceptMode::None => None,
         InterceptMode::Ebpf => Some(start_interception(settings)?),
     };
+    let upstream = UpstreamSettings {
+        addr: settings.upstream.clone(),
+        user: settings.upstream_user.clone(),
+        password: settings.upstream_password.clone(),
+        tls: upstream_tls,
+        connect_timeout: CONNECT_TIMEOUT,
+    };
     Ok(Arc::new(Shared {
         policy,
         cache: AnalysisCache::new(ANALYSIS_CACHE_ENTRIES),
         audit,
         cancel: CancelRegistry::default(),
-        upstream: UpstreamSettings {
-            addr: settings.upstream.clone(),
-            user: settings.upstream_user.clone(),
-            password: settings.upstream_password.clone(),
-            tls: upstream_tls,
-            connect_timeout: CONNECT_TIMEOUT,
-        },
+        catalogs: crate::mask::catalog::Catalogs::new(upstream.clone()),
+        upstream,
         client_tls,
         client_auth,
         max_frame_bytes: settings.max_frame_bytes,

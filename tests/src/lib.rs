@@ -4,6 +4,7 @@
 pub mod cluster;
 pub mod gateway;
 pub mod intercept;
+pub mod leak;
 pub mod raw;
 
 pub use cluster::Cluster;

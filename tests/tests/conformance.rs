@@ -258,3 +258,101 @@ fn statement_count(sql: &str) -> usize {
     }
     n
 }
+
+/// Every protected value of the fixture: the four protected columns of
+/// every customer, read straight from the database.
+fn protected_values(db: &Cluster) -> Vec<String> {
+    let out = db.psql_as(
+        GW_USER,
+        "COPY (SELECT email, ssn, card, phone FROM customers) TO STDOUT",
+    );
+    out.split(['\t', '\n'])
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The bytes the client received, rebuilt message by message.
+fn received(msgs: &[raw::Msg]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (tag, body) in msgs {
+        out.push(*tag);
+        out.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+        out.extend_from_slice(body);
+    }
+    out
+}
+
+#[test]
+fn masking_corpus_leaks_nothing() {
+    let db = Cluster::start();
+    let fixture =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/corpus/fixture.sql"))
+            .unwrap();
+    db.psql_as(GW_USER, &fixture);
+    let protected = protected_values(&db);
+    assert_eq!(protected.len(), 16, "{protected:?}");
+    let policy = concat!(env!("CARGO_MANIFEST_DIR"), "/../policies/corpus.yaml");
+    let gw = Gateway::start(&db, &["--policy", policy]);
+
+    let mut failures = Vec::new();
+    for case in corpus("masking.yaml") {
+        let mut c = RawConn::connect(gw.port, "app");
+        let msgs = run(&mut c, &case);
+        if let Some((value, form)) = agentgate_tests::leak::find(&received(&msgs), &protected) {
+            failures.push(format!("{}: leaked {value:?} as {form:?}", case.id));
+        }
+        let errs = errors(&msgs);
+        let binary = case.protocol == "binary";
+        let rows: Vec<_> = msgs
+            .iter()
+            .filter(|(t, _)| *t == b'D')
+            .map(|(_, b)| row_values(b, binary))
+            .collect();
+        if case.rows.is_some() || case.count.is_some() {
+            if !errs.is_empty() {
+                failures.push(format!("{}: expected rows, got {errs:?}", case.id));
+                continue;
+            }
+            if let Some(n) = case.count {
+                if rows.len() != n {
+                    failures.push(format!("{}: want {n} rows, got {}", case.id, rows.len()));
+                }
+            }
+            if let Some(want) = &case.rows {
+                let same = want.len() == rows.len()
+                    && want.iter().zip(&rows).all(|(w, g)| {
+                        w.len() == g.len()
+                            && w.iter()
+                                .zip(g)
+                                .all(|(wv, gv)| value_matches(wv, gv, binary))
+                    });
+                if !same {
+                    failures.push(format!(
+                        "{}: rows differ: want {want:?}, got {rows:?}",
+                        case.id
+                    ));
+                }
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} case(s) failed:\n{}\ngateway log:\n{}",
+        failures.len(),
+        failures.join("\n"),
+        gw.stderr()
+    );
+
+    // The audit counts what was masked and holds no protected value.
+    let records = gw.wait_audit(1, |r| r["outcome"]["masked"].is_object());
+    assert!(records
+        .iter()
+        .any(|r| r["outcome"]["masked"]["public.customers.email"].as_u64() == Some(4)));
+    let audit: Vec<u8> = gw
+        .audit()
+        .iter()
+        .flat_map(|r| r.to_string().into_bytes())
+        .collect();
+    assert_eq!(agentgate_tests::leak::find(&audit, &protected), None);
+}

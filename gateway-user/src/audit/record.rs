@@ -127,6 +127,10 @@ pub struct Outcome {
     pub sqlstate: Option<String>,
     pub rows: Option<u64>,
     pub duration_us: u64,
+    /// Values masked, per column (`schema.table.column`, or the result
+    /// column's name when computed). Absent when nothing was masked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub masked: Option<std::collections::BTreeMap<String, u64>>,
 }
 
 /// One line of the audit trail, before it is numbered.

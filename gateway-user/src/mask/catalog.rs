@@ -129,7 +129,8 @@ impl Catalog {
         for _ in 0..MAX_ROUNDS {
             {
                 let s = self.read();
-                want_oids.retain(|o| *o != 0 && !s.by_oid.contains_key(o) && !s.missing.contains(o));
+                want_oids
+                    .retain(|o| *o != 0 && !s.by_oid.contains_key(o) && !s.missing.contains(o));
                 want_names.retain(|n| !s.asked.contains(n));
             }
             want_oids.sort_unstable();
@@ -181,7 +182,8 @@ impl Catalog {
                     ("database", self.database.as_str()),
                     ("application_name", "agentgate-catalog"),
                 ];
-                *guard = Some(upstream::connect(&self.settings, &self.addr, 196608, &params).await?);
+                *guard =
+                    Some(upstream::connect(&self.settings, &self.addr, 196608, &params).await?);
             }
             let Some(conn) = guard.as_mut() else { continue };
             match simple_query(conn, &sql).await {
@@ -207,20 +209,27 @@ fn lookup_sql(oids: &[u32], names: &[String]) -> String {
     let oid_list = if oids.is_empty() {
         "NULL".to_owned()
     } else {
-        oids.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
+        oids.iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
     };
     let name_list = if names.is_empty() {
         "NULL".to_owned()
     } else {
-        names.iter().map(|n| quote_literal(n)).collect::<Vec<_>>().join(",")
+        names
+            .iter()
+            .map(|n| quote_literal(n))
+            .collect::<Vec<_>>()
+            .join(",")
     };
     format!(
         "SELECT coalesce(json_agg(json_build_object(\
-           'oid', c.oid, 'schema', n.nspname, 'name', c.relname, 'kind', c.relkind, \
+           'oid', c.oid::int8, 'schema', n.nspname, 'name', c.relname, 'kind', c.relkind, \
            'columns', (SELECT coalesce(json_agg(json_build_array(a.attnum, a.attname) ORDER BY a.attnum), '[]') \
                        FROM pg_catalog.pg_attribute a \
                        WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped), \
-           'parents', (SELECT coalesce(json_agg(i.inhparent), '[]') FROM pg_catalog.pg_inherits i \
+           'parents', (SELECT coalesce(json_agg(i.inhparent::int8), '[]') FROM pg_catalog.pg_inherits i \
                        WHERE i.inhrelid = c.oid), \
            'view', CASE WHEN c.relkind IN ('v', 'm') THEN pg_catalog.pg_get_viewdef(c.oid) END)), '[]') \
          FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \

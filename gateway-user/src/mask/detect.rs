@@ -50,7 +50,9 @@ impl Detector {
 
     fn pattern(self) -> &'static str {
         match self {
-            Detector::Email => r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)*\.[A-Za-z]{2,}",
+            Detector::Email => {
+                r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)*\.[A-Za-z]{2,}"
+            }
             Detector::Ssn => r"\b\d{3}[- ]\d{2}[- ]\d{4}\b",
             Detector::Card => r"\b\d(?:[ \-]?\d){12,18}\b",
             Detector::Phone => {
@@ -90,7 +92,11 @@ impl Detector {
     fn confirms(self, m: &str) -> bool {
         match self {
             Detector::Card => {
-                let digits: Vec<u8> = m.bytes().filter(u8::is_ascii_digit).map(|b| b - b'0').collect();
+                let digits: Vec<u8> = m
+                    .bytes()
+                    .filter(u8::is_ascii_digit)
+                    .map(|b| b - b'0')
+                    .collect();
                 (13..=19).contains(&digits.len()) && luhn(&digits)
             }
             Detector::Ssn => {
@@ -152,7 +158,11 @@ pub fn iban_valid(s: &str) -> bool {
             b'A'..=b'Z' => u32::from(b - b'A') + 10,
             _ => return false,
         };
-        rem = if v >= 10 { (rem * 100 + v) % 97 } else { (rem * 10 + v) % 97 };
+        rem = if v >= 10 {
+            (rem * 100 + v) % 97
+        } else {
+            (rem * 10 + v) % 97
+        };
     }
     rem == 1
 }
@@ -232,14 +242,24 @@ mod tests {
     #[test]
     fn ssn_rejects_never_issued_numbers() {
         assert_eq!(found("ssn 523-81-4497", Detector::Ssn), ["523-81-4497"]);
-        assert!(found("000-12-3456 666-12-3456 912-12-3456 123-00-4567", Detector::Ssn).is_empty());
+        assert!(found(
+            "000-12-3456 666-12-3456 912-12-3456 123-00-4567",
+            Detector::Ssn
+        )
+        .is_empty());
         assert!(found("5238144970", Detector::Ssn).is_empty());
     }
 
     #[test]
     fn card_needs_luhn() {
-        assert_eq!(found("4539148803436467", Detector::Card), ["4539148803436467"]);
-        assert_eq!(found("card 4539 1488 0343 6467 ok", Detector::Card), ["4539 1488 0343 6467"]);
+        assert_eq!(
+            found("4539148803436467", Detector::Card),
+            ["4539148803436467"]
+        );
+        assert_eq!(
+            found("card 4539 1488 0343 6467 ok", Detector::Card),
+            ["4539 1488 0343 6467"]
+        );
         // One digit changed: the checksum fails, so it is not a card.
         assert!(found("4539148803436468", Detector::Card).is_empty());
         assert!(found("order 1234567890", Detector::Card).is_empty());
@@ -247,16 +267,28 @@ mod tests {
 
     #[test]
     fn phone() {
-        assert_eq!(found("+1-202-555-0143", Detector::Phone), ["+1-202-555-0143"]);
-        assert_eq!(found("call (202) 555-0178 now", Detector::Phone), ["(202) 555-0178"]);
+        assert_eq!(
+            found("+1-202-555-0143", Detector::Phone),
+            ["+1-202-555-0143"]
+        );
+        assert_eq!(
+            found("call (202) 555-0178 now", Detector::Phone),
+            ["(202) 555-0178"]
+        );
         assert_eq!(found("+442079460958", Detector::Phone), ["+442079460958"]);
         assert!(found("version 1.2.3, total 19.99", Detector::Phone).is_empty());
     }
 
     #[test]
     fn iban_needs_its_checksum() {
-        assert_eq!(found("GB82 WEST 1234 5698 7654 32", Detector::Iban), ["GB82 WEST 1234 5698 7654 32"]);
-        assert_eq!(found("DE89370400440532013000", Detector::Iban), ["DE89370400440532013000"]);
+        assert_eq!(
+            found("GB82 WEST 1234 5698 7654 32", Detector::Iban),
+            ["GB82 WEST 1234 5698 7654 32"]
+        );
+        assert_eq!(
+            found("DE89370400440532013000", Detector::Iban),
+            ["DE89370400440532013000"]
+        );
         assert!(found("DE89370400440532013001", Detector::Iban).is_empty());
     }
 
@@ -264,7 +296,10 @@ mod tests {
     fn tokens_and_keys() {
         let jwt = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U";
         assert_eq!(found(&format!("Bearer {jwt}"), Detector::Jwt), [jwt]);
-        assert_eq!(found("key=AKIAIOSFODNN7EXAMPLE;", Detector::ApiKey), ["AKIAIOSFODNN7EXAMPLE"]);
+        assert_eq!(
+            found("key=AKIAIOSFODNN7EXAMPLE;", Detector::ApiKey),
+            ["AKIAIOSFODNN7EXAMPLE"]
+        );
         assert_eq!(
             found("ghp_abcdefghijklmnopqrstuvwxyz0123456789", Detector::ApiKey),
             ["ghp_abcdefghijklmnopqrstuvwxyz0123456789"]

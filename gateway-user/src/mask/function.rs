@@ -120,11 +120,16 @@ pub fn mask_text(f: &MaskFn, value: &str) -> Option<String> {
 pub fn fake_like(value: &str) -> String {
     if let Some((local, _)) = value.split_once('@') {
         if !local.is_empty() && !value.contains(char::is_whitespace) {
-            return format!("{}@example.invalid", "x".repeat(local.chars().count().min(64)));
+            return format!(
+                "{}@example.invalid",
+                "x".repeat(local.chars().count().min(64))
+            );
         }
     }
     let digits = value.bytes().filter(u8::is_ascii_digit).count();
-    let only_card_chars = value.bytes().all(|b| b.is_ascii_digit() || b == b' ' || b == b'-');
+    let only_card_chars = value
+        .bytes()
+        .all(|b| b.is_ascii_digit() || b == b' ' || b == b'-');
     if only_card_chars && (13..=19).contains(&digits) {
         // 4 then zeros, with the last digit chosen to satisfy Luhn.
         let mut fake: Vec<u8> = vec![0; digits];
@@ -164,7 +169,11 @@ pub fn fake_like(value: &str) -> String {
 
 /// The integer a masking function gives for an integer or numeric column.
 fn mask_number(f: &MaskFn, value: &[u8], bits: u32) -> Option<i64> {
-    let max = if bits >= 64 { i64::MAX } else { (1i64 << (bits - 1)) - 1 };
+    let max = if bits >= 64 {
+        i64::MAX
+    } else {
+        (1i64 << (bits - 1)) - 1
+    };
     match f {
         MaskFn::Null => None,
         MaskFn::Redact | MaskFn::Format => Some(0),
@@ -172,9 +181,9 @@ fn mask_number(f: &MaskFn, value: &[u8], bits: u32) -> Option<i64> {
             let digits: Vec<u8> = value.iter().copied().filter(u8::is_ascii_digit).collect();
             let keep = (*keep).min(digits.len().saturating_sub(1)).min(18);
             let tail = &digits[digits.len() - keep..];
-            let v = tail
-                .iter()
-                .fold(0i64, |acc, d| acc.saturating_mul(10).saturating_add(i64::from(d - b'0')));
+            let v = tail.iter().fold(0i64, |acc, d| {
+                acc.saturating_mul(10).saturating_add(i64::from(d - b'0'))
+            });
             Some(v.min(max))
         }
         MaskFn::Hash { key } => {
@@ -267,14 +276,20 @@ mod tests {
 
     #[test]
     fn redact_and_null() {
-        assert_eq!(mask_text(&MaskFn::Redact, "523-81-4497").as_deref(), Some(REDACTED));
+        assert_eq!(
+            mask_text(&MaskFn::Redact, "523-81-4497").as_deref(),
+            Some(REDACTED)
+        );
         assert_eq!(mask_text(&MaskFn::Null, "523-81-4497"), None);
     }
 
     #[test]
     fn partial_keeps_the_tail_of_long_values_only() {
         let f = MaskFn::Partial { keep: 4 };
-        assert_eq!(mask_text(&f, "4539148803436467").as_deref(), Some("************6467"));
+        assert_eq!(
+            mask_text(&f, "4539148803436467").as_deref(),
+            Some("************6467")
+        );
         assert_eq!(mask_text(&f, "abc").as_deref(), Some("***"));
     }
 
@@ -293,10 +308,17 @@ mod tests {
 
     #[test]
     fn format_keeps_the_shape() {
-        assert_eq!(fake_like("zelda.quartz7@example.org"), "xxxxxxxxxxxxx@example.invalid");
+        assert_eq!(
+            fake_like("zelda.quartz7@example.org"),
+            "xxxxxxxxxxxxx@example.invalid"
+        );
         let card = fake_like("4539 1488 0343 6467");
         assert_eq!(card.len(), 19);
-        let digits: Vec<u8> = card.bytes().filter(u8::is_ascii_digit).map(|b| b - b'0').collect();
+        let digits: Vec<u8> = card
+            .bytes()
+            .filter(u8::is_ascii_digit)
+            .map(|b| b - b'0')
+            .collect();
         assert!(luhn(&digits), "{card}");
         assert_ne!(card, "4539 1488 0343 6467");
         assert_eq!(fake_like("523-81-4497"), "000-00-0000");
@@ -305,22 +327,33 @@ mod tests {
 
     #[test]
     fn masked_values_keep_their_type() {
-        assert_eq!(mask_value_text(&MaskFn::Redact, TypeClass::Int4, b"42"), Some(b"0".to_vec()));
+        assert_eq!(
+            mask_value_text(&MaskFn::Redact, TypeClass::Int4, b"42"),
+            Some(b"0".to_vec())
+        );
         let h = mask_value_text(&key(), TypeClass::Int4, b"42").unwrap();
         let n: i64 = String::from_utf8(h).unwrap().parse().unwrap();
         assert!((0..=i64::from(i32::MAX)).contains(&n));
         assert_eq!(
-            mask_value_text(&MaskFn::Partial { keep: 4 }, TypeClass::Int8, b"4539148803436467"),
+            mask_value_text(
+                &MaskFn::Partial { keep: 4 },
+                TypeClass::Int8,
+                b"4539148803436467"
+            ),
             Some(b"6467".to_vec())
         );
         let json = mask_value_text(&MaskFn::Redact, TypeClass::Json, br#"{"a":"x"}"#).unwrap();
         assert!(serde_json::from_slice::<serde_json::Value>(&json).is_ok());
-        assert_eq!(mask_value_text(&MaskFn::Redact, TypeClass::Other, b"{a,b}"), None);
+        assert_eq!(
+            mask_value_text(&MaskFn::Redact, TypeClass::Other, b"{a,b}"),
+            None
+        );
         assert_eq!(
             mask_value_binary(&MaskFn::Redact, TypeClass::Int8, &7i64.to_be_bytes()),
             Some(0i64.to_be_bytes().to_vec())
         );
-        let jsonb = mask_value_binary(&MaskFn::Redact, TypeClass::Jsonb, b"\x01\"secret\"").unwrap();
+        let jsonb =
+            mask_value_binary(&MaskFn::Redact, TypeClass::Jsonb, b"\x01\"secret\"").unwrap();
         assert_eq!(jsonb[0], 1);
         assert!(serde_json::from_slice::<serde_json::Value>(&jsonb[1..]).is_ok());
     }

@@ -53,7 +53,15 @@ pub struct RowPlan {
 impl RowPlan {
     /// Nothing to do: rows pass undecoded.
     pub fn is_noop(&self) -> bool {
-        self.columns.iter().all(|c| matches!(c, ColumnPlan { action: Action::Pass, .. }))
+        self.columns.iter().all(|c| {
+            matches!(
+                c,
+                ColumnPlan {
+                    action: Action::Pass,
+                    ..
+                }
+            )
+        })
     }
 }
 

@@ -5,7 +5,9 @@ use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use super::detect;
-use super::function::{binary_int, mask_text, mask_value_binary, mask_value_text, MaskFn, TypeClass};
+use super::function::{
+    binary_int, mask_text, mask_value_binary, mask_value_text, MaskFn, TypeClass,
+};
 use super::plan::{Action, ColumnPlan, RowPlan};
 use crate::policy::masking::MaskSet;
 use crate::wire::rows;
@@ -75,7 +77,12 @@ fn value<'a>(set: &MaskSet, plan: &ColumnPlan, v: &'a [u8]) -> (Option<Cow<'a, [
                 let f = detector_function(set);
                 return (mask_value_binary(&f, plan.class, v).map(Cow::Owned), true);
             }
-            if plan.binary && !matches!(plan.class, TypeClass::Text | TypeClass::Json | TypeClass::Jsonb) {
+            if plan.binary
+                && !matches!(
+                    plan.class,
+                    TypeClass::Text | TypeClass::Json | TypeClass::Jsonb
+                )
+            {
                 return (Some(Cow::Borrowed(v)), false);
             }
             let (prefix, body) = if plan.binary && plan.class == TypeClass::Jsonb {
@@ -173,7 +180,9 @@ impl CopyMasker {
     pub fn data(&mut self, set: &MaskSet, data: &[u8], counts: &mut Counts) -> Vec<u8> {
         match self.format.clone() {
             CopyFormat::Text { delimiter } => self.text_row(set, data, delimiter, counts),
-            CopyFormat::Csv { delimiter, quote } => self.csv_row(set, data, delimiter, quote, counts),
+            CopyFormat::Csv { delimiter, quote } => {
+                self.csv_row(set, data, delimiter, quote, counts)
+            }
             CopyFormat::Binary => self.binary(set, data, counts),
         }
     }
@@ -192,7 +201,14 @@ impl CopyMasker {
             match plan {
                 Some(p) if field != b"\\N" && !matches!(p.action, Action::Pass) => {
                     let raw = unescape_text(field);
-                    let (m, masked) = value(set, &ColumnPlan { binary: false, ..p.clone() }, &raw);
+                    let (m, masked) = value(
+                        set,
+                        &ColumnPlan {
+                            binary: false,
+                            ..p.clone()
+                        },
+                        &raw,
+                    );
                     if masked {
                         count(counts, &p.label);
                     }
@@ -208,7 +224,14 @@ impl CopyMasker {
         out
     }
 
-    fn csv_row(&self, set: &MaskSet, data: &[u8], delim: u8, quote: u8, counts: &mut Counts) -> Vec<u8> {
+    fn csv_row(
+        &self,
+        set: &MaskSet,
+        data: &[u8],
+        delim: u8,
+        quote: u8,
+        counts: &mut Counts,
+    ) -> Vec<u8> {
         let fields = split_csv(data, delim, quote);
         let mut out = Vec::with_capacity(data.len());
         for (i, (raw, quoted)) in fields.iter().enumerate() {
@@ -218,7 +241,14 @@ impl CopyMasker {
             let is_null = !quoted && raw.is_empty();
             match self.plan.columns.get(i) {
                 Some(p) if !is_null && !matches!(p.action, Action::Pass) => {
-                    let (m, masked) = value(set, &ColumnPlan { binary: false, ..p.clone() }, raw);
+                    let (m, masked) = value(
+                        set,
+                        &ColumnPlan {
+                            binary: false,
+                            ..p.clone()
+                        },
+                        raw,
+                    );
                     if masked {
                         count(counts, &p.label);
                     }
@@ -320,7 +350,14 @@ impl CopyMasker {
                 let v = &rest[span];
                 let (m, masked) = match self.plan.columns.get(i) {
                     Some(plan) => {
-                        let r = value(set, &ColumnPlan { binary: true, ..plan.clone() }, v);
+                        let r = value(
+                            set,
+                            &ColumnPlan {
+                                binary: true,
+                                ..plan.clone()
+                            },
+                            v,
+                        );
                         if r.1 {
                             count(counts, &plan.label);
                         }

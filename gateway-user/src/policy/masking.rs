@@ -120,7 +120,12 @@ impl MaskSet {
 
     /// The rule protecting a column; `schema` is `None` when only the table
     /// name is known (then any schema counts, to err on the safe side).
-    pub fn column(&self, schema: Option<&str>, table: &str, column: &str) -> Option<&Arc<MaskRule>> {
+    pub fn column(
+        &self,
+        schema: Option<&str>,
+        table: &str,
+        column: &str,
+    ) -> Option<&Arc<MaskRule>> {
         let mut best: Option<(u64, &Arc<MaskRule>)> = None;
         for r in &self.rules {
             if let Some(s) = r.names(schema, table, column) {
@@ -136,9 +141,9 @@ impl MaskSet {
     pub fn any_in_table(&self, schema: Option<&str>, table: &str) -> Option<&Arc<MaskRule>> {
         self.rules.iter().find(|r| {
             !r.column_names.is_empty()
-                || r.columns.iter().any(|p| {
-                    schema.is_none_or(|s| p.schema.matches(s)) && p.table.matches(table)
-                })
+                || r.columns
+                    .iter()
+                    .any(|p| schema.is_none_or(|s| p.schema.matches(s)) && p.table.matches(table))
         })
     }
 
@@ -234,10 +239,14 @@ pub fn compile_mask_rule(
         }
     };
     if def.keep.is_some() && !matches!(function, MaskFn::Partial { .. }) {
-        problem(format!("masking rule {name:?}: keep applies only to partial"));
+        problem(format!(
+            "masking rule {name:?}: keep applies only to partial"
+        ));
     }
     if def.keep == Some(0) {
-        problem(format!("masking rule {name:?}: keep must be at least 1 (use redact to keep nothing)"));
+        problem(format!(
+            "masking rule {name:?}: keep must be at least 1 (use redact to keep nothing)"
+        ));
     }
     let computed = match def.computed.as_deref().unwrap_or("mask") {
         "mask" => Computed::Mask,

@@ -3,6 +3,7 @@
 mod cancel;
 mod client_auth;
 mod handshake;
+mod masking;
 mod relay;
 mod stream;
 pub mod tls;
@@ -41,6 +42,8 @@ pub struct Shared {
     pub max_frame_bytes: usize,
     /// Set in intercept mode: the kernel's records of redirected connections.
     pub intercept: Option<crate::intercept::Interception>,
+    /// Table names and view definitions for masking, per database.
+    pub catalogs: crate::mask::catalog::Catalogs,
 }
 
 /// Accepts clients until the task is dropped.

@@ -8,12 +8,16 @@ use std::time::Instant;
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
+use super::masking::ResultMasker;
 use super::stream::{fill, ReadError};
-use super::tracker::{Completed, Expect, PendingStatement, Tracker, Verdict};
+use super::tracker::{Completed, Described, Expect, PendingStatement, Tracker, Verdict};
 use super::Shared;
 use crate::audit::{DecisionRecord, Record, RecordBody, SessionInfo, StatementRecord};
+use crate::mask::plan::RowSource;
+use crate::policy::masking::MaskSet;
 use crate::policy::{self, Decision, Policy, PolicyStore, Who};
-use crate::sql::{Analysis, PreparedEffect};
+use crate::sql::lineage::{CursorEffect, RowsOf};
+use crate::sql::{Analysis, PreparedEffect, StatementFacts};
 use crate::wire::frontend::{self as fe, Target};
 use crate::wire::{backend, DecodeError, Frame, FrameError, FrameSplitter};
 
@@ -98,6 +102,8 @@ pub struct Relay {
     pub info: Arc<SessionInfo>,
     tracker: Mutex<Tracker>,
     statements_audited: std::sync::atomic::AtomicU64,
+    /// The session's masking rules under the policy in force.
+    mask: Mutex<Arc<MaskSet>>,
 }
 
 impl Relay {
@@ -107,7 +113,12 @@ impl Relay {
             info,
             tracker: Mutex::new(Tracker::default()),
             statements_audited: Default::default(),
+            mask: Mutex::new(Arc::new(MaskSet::default())),
         }
+    }
+
+    fn mask(&self) -> Arc<MaskSet> {
+        Arc::clone(&self.mask.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     pub fn statements_audited(&self) -> u64 {
@@ -123,6 +134,18 @@ impl Relay {
         for c in done.drain(..) {
             self.statements_audited
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let s = &c.statement;
+            let ddl = s
+                .analysis
+                .statements
+                .get(s.index)
+                .is_some_and(|f| f.kinds.contains(&"ddl"));
+            if ddl && c.outcome.status == "ok" {
+                // Names, columns or views may have changed under the masks.
+                self.shared
+                    .catalogs
+                    .invalidate(&self.info.target.addr, &self.info.target.database);
+            }
             let record = statement_record(&self.info, c);
             self.shared
                 .audit
@@ -157,6 +180,9 @@ impl Relay {
             judge: Judge::new(who),
             statements: HashMap::new(),
             portals: HashMap::new(),
+            cursors: HashMap::new(),
+            described: std::collections::HashSet::new(),
+            inject: None,
         };
         let mut out = Outbox::default();
         let mut done = Vec::new();
@@ -168,7 +194,11 @@ impl Relay {
                     Ok(None) => break,
                     Err(e) => return e.into(),
                 };
-                match self.judge(frame, &mut state, &mut done) {
+                let judged = self.judge(frame, &mut state, &mut done);
+                if let Some(pre) = state.inject.take() {
+                    out.push(pre);
+                }
+                match judged {
                     Ok(Some(f)) => {
                         terminate = f.tag() == fe::TERMINATE;
                         out.push(f);
@@ -206,6 +236,9 @@ impl Relay {
     ) -> Result<Option<Frame>, End> {
         let body = frame.body();
         let healthy = self.shared.audit.is_healthy();
+        if state.judge.refresh(&self.shared.policy) {
+            *self.mask.lock().unwrap_or_else(|p| p.into_inner()) = Arc::clone(&state.judge.mask);
+        }
         let expect = match frame.tag() {
             fe::QUERY => {
                 let text = fe::decode_query(body)?;
@@ -215,10 +248,20 @@ impl Relay {
                 } else {
                     Decision::audit_unavailable()
                 };
-                let pending = pending_statements("simple", &analysis, text.len(), None, &decision);
                 if !decision.lets_through() {
+                    let pending = pending_statements(
+                        "simple",
+                        &analysis,
+                        text.len(),
+                        None,
+                        &decision,
+                        Vec::new(),
+                    );
                     return Ok(Some(self.deny_simple(pending, &decision, done)));
                 }
+                let rows = state.rows_of_all(&analysis);
+                let pending =
+                    pending_statements("simple", &analysis, text.len(), None, &decision, rows);
                 state.track_sql_prepares(&analysis, text.len(), &decision);
                 Expect::Simple(pending.into())
             }
@@ -243,6 +286,7 @@ impl Relay {
                         parse.query.len(),
                         Some(parse.statement),
                         &decision,
+                        Vec::new(),
                     );
                     return Ok(Some(self.deny_extended(pending, &decision, done)));
                 }
@@ -257,14 +301,26 @@ impl Relay {
                         decision,
                     }),
                 );
-                Expect::Parse
+                state
+                    .described
+                    .remove(&Described::Statement(parse.statement.to_owned()));
+                Expect::Parse(parse.statement.to_owned())
             }
             fe::BIND => {
                 let bind = fe::decode_bind(body)?;
                 match state.statements.get(bind.statement) {
                     Some(p) => {
-                        state.portals.insert(bind.portal.to_owned(), Arc::clone(p));
-                        Expect::Bind
+                        state.portals.insert(
+                            bind.portal.to_owned(),
+                            Portal {
+                                prepared: Arc::clone(p),
+                                formats: bind.result_formats.clone(),
+                            },
+                        );
+                        state
+                            .described
+                            .remove(&Described::Portal(bind.portal.to_owned()));
+                        Expect::Bind(bind.portal.to_owned())
                     }
                     None => {
                         state.portals.remove(bind.portal);
@@ -285,19 +341,52 @@ impl Relay {
                 };
                 if !healthy {
                     let decision = Decision::audit_unavailable();
-                    let pending = vec![pending_for(p, &decision)];
+                    let pending = vec![pending_for(&p.prepared, &decision, RowSource::NoData)];
                     return Ok(Some(self.deny_extended(pending, &decision, done)));
                 }
-                Expect::Execute(pending_for(p, &p.decision))
+                let rows = state.rows_of_prepared(&p.prepared);
+                let mut pending = pending_for(&p.prepared, &p.prepared.decision, rows);
+                pending.portal = Some(exec.portal.to_owned());
+                pending.formats = p.formats.clone();
+                // Masking needs the row shape; a client that never described
+                // this portal or its statement gets one asked for it.
+                let portal = Described::Portal(exec.portal.to_owned());
+                let statement = Described::Statement(p.prepared.name.clone());
+                if !state.judge.mask.is_empty()
+                    && !state.described.contains(&portal)
+                    && !state.described.contains(&statement)
+                {
+                    state.inject = Some(fe::describe_portal(exec.portal));
+                    self.tracker().push(
+                        Expect::Describe {
+                            target: portal.clone(),
+                            hidden: true,
+                        },
+                        done,
+                    );
+                    state.described.insert(portal);
+                }
+                Expect::Execute(pending)
             }
             fe::DESCRIBE => {
-                fe::decode_target(fe::DESCRIBE, body)?;
-                Expect::Describe
+                let target = match fe::decode_target(fe::DESCRIBE, body)? {
+                    Target::Statement(n) => Described::Statement(n.to_owned()),
+                    Target::Portal(n) => Described::Portal(n.to_owned()),
+                };
+                state.described.insert(target.clone());
+                Expect::Describe {
+                    target,
+                    hidden: false,
+                }
             }
             fe::CLOSE => {
                 match fe::decode_target(fe::CLOSE, body)? {
-                    Target::Statement(name) => state.statements.remove(name),
-                    Target::Portal(name) => state.portals.remove(name),
+                    Target::Statement(name) => {
+                        state.statements.remove(name);
+                    }
+                    Target::Portal(name) => {
+                        state.portals.remove(name);
+                    }
                 };
                 Expect::Close
             }
@@ -327,6 +416,9 @@ impl Relay {
                     prepared: None,
                     decision: decision.clone(),
                     started: Instant::now(),
+                    rows: RowSource::NoData,
+                    portal: None,
+                    formats: Vec::new(),
                 }];
                 return Ok(Some(self.deny_simple(pending, &decision, done)));
             }
@@ -393,19 +485,49 @@ impl Relay {
         let splitter = super::upstream::backend_splitter();
         let mut out = Outbox::default();
         let mut done = Vec::new();
+        let catalog = self
+            .shared
+            .catalogs
+            .get(&self.info.target.addr, &self.info.target.database);
+        let mut masker = ResultMasker::new(Some(catalog));
         loop {
-            {
-                let mut tracker = self.tracker();
-                loop {
-                    let frame = match splitter.split(&mut buf) {
-                        Ok(Some(f)) => f,
-                        Ok(None) => break,
-                        Err(e) => return End::Io(format!("database sent a bad frame: {e}")),
-                    };
-                    match tracker.on_backend(&frame, &mut done) {
-                        Verdict::Forward => out.push(frame),
-                        Verdict::Replace(f) => out.push(f),
+            let mask = self.mask();
+            loop {
+                let mut frame = match splitter.split(&mut buf) {
+                    Ok(Some(f)) => f,
+                    Ok(None) => break,
+                    Err(e) => return End::Io(format!("database sent a bad frame: {e}")),
+                };
+                if !mask.is_empty() {
+                    if masker.needs_plan(frame.tag()) {
+                        let request = ResultMasker::request(&self.tracker(), &frame);
+                        masker.prepare(request, &mask).await;
                     }
+                    match masker.rewrite(&mask, &frame) {
+                        Ok(Some(f)) => frame = f,
+                        Ok(None) => {}
+                        Err(e) => return End::Io(format!("database sent a bad message: {e}")),
+                    }
+                }
+                let before = done.len();
+                let verdict = {
+                    let mut tracker = self.tracker();
+                    let v = tracker.on_backend(&frame, &mut done);
+                    if ends_result(frame.tag()) {
+                        tracker.end_result();
+                    }
+                    v
+                };
+                if ends_result(frame.tag()) {
+                    let counts = masker.finish();
+                    if let (Some(c), Some(first)) = (counts, done.get_mut(before)) {
+                        first.outcome.masked = Some(c);
+                    }
+                }
+                match verdict {
+                    Verdict::Forward => out.push(frame),
+                    Verdict::Replace(f) => out.push(f),
+                    Verdict::Drop => {}
                 }
             }
             if let Err(e) = out.send(client).await {
@@ -423,10 +545,35 @@ impl Relay {
     }
 }
 
+/// Messages after which no more rows of the current result come.
+fn ends_result(tag: u8) -> bool {
+    matches!(
+        tag,
+        backend::COMMAND_COMPLETE
+            | backend::EMPTY_QUERY_RESPONSE
+            | backend::PORTAL_SUSPENDED
+            | backend::ERROR_RESPONSE
+            | backend::READY_FOR_QUERY
+    )
+}
+
 struct FrontendState {
     judge: Judge,
     statements: HashMap<String, Arc<Prepared>>,
-    portals: HashMap<String, Arc<Prepared>>,
+    portals: HashMap<String, Portal>,
+    /// What each cursor declared through the gateway returns.
+    cursors: HashMap<String, RowSource>,
+    /// Statements and portals the client has described since they were
+    /// (re)defined.
+    described: std::collections::HashSet<Described>,
+    /// A message the gateway sends upstream before the one being judged.
+    inject: Option<Frame>,
+}
+
+/// A bound portal: its statement and the result formats Bind asked for.
+struct Portal {
+    prepared: Arc<Prepared>,
+    formats: Vec<i16>,
 }
 
 /// One session's view of the policy: its identities under the policy in
@@ -438,6 +585,7 @@ struct Judge {
     policy: Option<Arc<Policy>>,
     identities: Vec<usize>,
     cache: HashMap<String, Decision>,
+    mask: Arc<MaskSet>,
 }
 
 const DECISION_CACHE_ENTRIES: usize = 4096;
@@ -450,20 +598,34 @@ impl Judge {
             policy: None,
             identities: Vec::new(),
             cache: HashMap::new(),
+            mask: Arc::new(MaskSet::default()),
         }
     }
 
-    fn decide(&mut self, store: &PolicyStore, text: &str, analysis: &Analysis) -> Decision {
-        if store.version() != self.version {
-            let (version, policy) = store.current();
-            self.identities = policy
-                .as_ref()
-                .map(|p| p.identities_of(&self.who))
-                .unwrap_or_default();
-            self.version = version;
-            self.policy = policy;
-            self.cache.clear();
+    /// Picks up a reloaded policy; true when it changed.
+    fn refresh(&mut self, store: &PolicyStore) -> bool {
+        if store.version() == self.version {
+            return false;
         }
+        let (version, policy) = store.current();
+        self.identities = policy
+            .as_ref()
+            .map(|p| p.identities_of(&self.who))
+            .unwrap_or_default();
+        self.mask = Arc::new(
+            policy
+                .as_ref()
+                .map(|p| p.mask_set(&self.identities))
+                .unwrap_or_default(),
+        );
+        self.version = version;
+        self.policy = policy;
+        self.cache.clear();
+        true
+    }
+
+    fn decide(&mut self, store: &PolicyStore, text: &str, analysis: &Analysis) -> Decision {
+        self.refresh(store);
         if let Some(d) = self.cache.get(text) {
             return d.clone();
         }
@@ -477,6 +639,66 @@ impl Judge {
 }
 
 impl FrontendState {
+    /// What each statement of an allowed text returns, following the
+    /// cursors it declares and closes in order.
+    fn rows_of_all(&mut self, analysis: &Analysis) -> Vec<RowSource> {
+        analysis
+            .statements
+            .iter()
+            .map(|facts| {
+                let rows = self.rows_of(facts);
+                match &facts.output.cursor {
+                    Some(CursorEffect::Declare(name)) => {
+                        let declared = match &facts.output.lineage {
+                            Some(l) => RowSource::Known(Arc::new(l.clone())),
+                            None => RowSource::Unknown,
+                        };
+                        self.cursors.insert(name.clone(), declared);
+                    }
+                    Some(CursorEffect::Close(name)) => {
+                        self.cursors.remove(name);
+                    }
+                    Some(CursorEffect::CloseAll) => self.cursors.clear(),
+                    None => {}
+                }
+                rows
+            })
+            .collect()
+    }
+
+    fn rows_of(&self, facts: &StatementFacts) -> RowSource {
+        match &facts.output.rows_of {
+            Some(RowsOf::Cursor(name)) => self
+                .cursors
+                .get(name)
+                .cloned()
+                .unwrap_or(RowSource::Unknown),
+            Some(RowsOf::Prepared(name)) => match self.statements.get(name) {
+                Some(p) => self.rows_of_prepared(p),
+                None => RowSource::Unknown,
+            },
+            None => match &facts.output.lineage {
+                Some(l) => RowSource::Known(Arc::new(l.clone())),
+                // Procedures return what they like.
+                None if facts.kinds.first() == Some(&"call") => RowSource::Unknown,
+                None => RowSource::NoData,
+            },
+        }
+    }
+
+    fn rows_of_prepared(&self, p: &Prepared) -> RowSource {
+        match p.analysis.statements.get(p.index) {
+            // A SQL PREPARE's lineage is its statement's; a Parse's is its own.
+            Some(f) => match (&f.output.lineage, &f.output.rows_of) {
+                (Some(l), _) => RowSource::Known(Arc::new(l.clone())),
+                (None, Some(_)) => self.rows_of(f),
+                (None, None) if f.kinds.first() == Some(&"call") => RowSource::Unknown,
+                (None, None) => RowSource::NoData,
+            },
+            None => RowSource::Unknown,
+        }
+    }
+
     /// Statements prepared or dropped by SQL (`PREPARE`, `DEALLOCATE`,
     /// `DISCARD ALL`) are the same objects a Bind can name; an allowed
     /// PREPARE makes its name known with the judgement it got.
@@ -505,8 +727,11 @@ impl FrontendState {
     }
 }
 
-fn pending_for(p: &Prepared, decision: &Decision) -> PendingStatement {
+fn pending_for(p: &Prepared, decision: &Decision, rows: RowSource) -> PendingStatement {
     PendingStatement {
+        rows,
+        portal: None,
+        formats: Vec::new(),
         protocol: "extended",
         analysis: Arc::clone(&p.analysis),
         index: p.index,
@@ -525,6 +750,7 @@ fn pending_statements(
     bytes: usize,
     prepared: Option<&str>,
     decision: &Decision,
+    mut rows: Vec<RowSource>,
 ) -> Vec<PendingStatement> {
     let n = analysis
         .statements
@@ -533,6 +759,13 @@ fn pending_statements(
     let started = Instant::now();
     (0..n)
         .map(|index| PendingStatement {
+            rows: if index < rows.len() {
+                std::mem::replace(&mut rows[index], RowSource::NoData)
+            } else {
+                RowSource::NoData
+            },
+            portal: None,
+            formats: Vec::new(),
             protocol,
             analysis: Arc::clone(analysis),
             index,

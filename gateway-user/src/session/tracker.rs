@@ -6,14 +6,16 @@
 //! replace with a denial, and mirrors the server's "discard until Sync"
 //! after an error in the extended protocol.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
 
 use crate::audit::Outcome;
+use crate::mask::plan::RowSource;
 use crate::policy::Decision;
 use crate::sql::Analysis;
 use crate::wire::backend::{self, rows_in_tag};
+use crate::wire::rows::{self, Field};
 use crate::wire::Frame;
 
 /// A statement on its way through, kept until its outcome is known.
@@ -28,6 +30,26 @@ pub struct PendingStatement {
     pub prepared: Option<String>,
     pub decision: Decision,
     pub started: Instant,
+    /// What its rows are made of, for masking computed columns.
+    pub rows: RowSource,
+    /// For an Execute: the portal, its statement and the result formats
+    /// its Bind asked for (none: all text; one: for every column).
+    pub portal: Option<String>,
+    pub formats: Vec<i16>,
+}
+
+/// What a Describe asks about.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Described {
+    Statement(String),
+    Portal(String),
+}
+
+/// What the head of the queue is, for the masking path.
+pub enum Head<'a> {
+    Statement(&'a PendingStatement),
+    Describe,
+    Other,
 }
 
 /// A statement whose outcome is known, ready for the audit.
@@ -42,9 +64,16 @@ pub struct Completed {
 pub enum Expect {
     /// A simple Query: its statements complete one by one, ReadyForQuery ends it.
     Simple(VecDeque<PendingStatement>),
-    Parse,
-    Bind,
-    Describe,
+    /// Parse of the named statement.
+    Parse(String),
+    /// Bind of the named portal.
+    Bind(String),
+    /// `hidden`: sent by the gateway itself to learn a portal's row shape;
+    /// its answer does not go to the client.
+    Describe {
+        target: Described,
+        hidden: bool,
+    },
     Close,
     Execute(PendingStatement),
     Sync,
@@ -71,6 +100,7 @@ impl Expect {
 pub enum Verdict {
     Forward,
     Replace(Frame),
+    Drop,
 }
 
 #[derive(Debug, Default)]
@@ -79,6 +109,11 @@ pub struct Tracker {
     /// After an extended-protocol error with no Sync queued yet: the server
     /// discards every message until the next Sync, and so must we.
     discarding: bool,
+    /// Row shapes learnt from Describe, so that an Execute without its own
+    /// Describe can still be masked.
+    descriptions: HashMap<Described, std::sync::Arc<Vec<Field>>>,
+    /// The row shape of the result being sent now.
+    current: Option<std::sync::Arc<Vec<Field>>>,
 }
 
 fn outcome(status: &'static str, started: Instant) -> Outcome {
@@ -87,12 +122,24 @@ fn outcome(status: &'static str, started: Instant) -> Outcome {
         sqlstate: None,
         rows: None,
         duration_us: started.elapsed().as_micros() as u64,
+        masked: None,
     }
 }
 
 impl Tracker {
     /// Queues a message just before it goes upstream.
     pub fn push(&mut self, expect: Expect, done: &mut Vec<Completed>) {
+        // A new Parse or Bind of a name replaces what was described under it.
+        match &expect {
+            Expect::Parse(name) => {
+                self.descriptions
+                    .remove(&Described::Statement(name.clone()));
+            }
+            Expect::Bind(name) => {
+                self.descriptions.remove(&Described::Portal(name.clone()));
+            }
+            _ => {}
+        }
         if self.discarding {
             if expect.is_sync() {
                 self.discarding = false;
@@ -107,11 +154,32 @@ impl Tracker {
     /// Accounts for one backend message.
     pub fn on_backend(&mut self, frame: &Frame, done: &mut Vec<Completed>) -> Verdict {
         match frame.tag() {
-            backend::PARSE_COMPLETE => self.pop_if(|e| matches!(e, Expect::Parse)),
-            backend::BIND_COMPLETE => self.pop_if(|e| matches!(e, Expect::Bind)),
+            backend::PARSE_COMPLETE => self.pop_if(|e| matches!(e, Expect::Parse(_))),
+            backend::BIND_COMPLETE => self.pop_if(|e| matches!(e, Expect::Bind(_))),
             backend::CLOSE_COMPLETE => self.pop_if(|e| matches!(e, Expect::Close)),
             backend::ROW_DESCRIPTION | backend::NO_DATA => {
-                self.pop_if(|e| matches!(e, Expect::Describe))
+                let fields = (frame.tag() == backend::ROW_DESCRIPTION)
+                    .then(|| rows::decode_row_description(frame.body()).ok())
+                    .flatten()
+                    .map(std::sync::Arc::new);
+                if let Some(Expect::Describe { target, hidden }) = self.queue.front() {
+                    let hidden = *hidden;
+                    match fields {
+                        Some(f) => {
+                            self.descriptions.insert(target.clone(), f);
+                        }
+                        None => {
+                            self.descriptions.remove(target);
+                        }
+                    }
+                    self.queue.pop_front();
+                    if hidden {
+                        return Verdict::Drop;
+                    }
+                } else {
+                    // A simple Query's or an Execute's own row shape.
+                    self.current = fields;
+                }
             }
             backend::COMMAND_COMPLETE
             | backend::EMPTY_QUERY_RESPONSE
@@ -134,6 +202,48 @@ impl Tracker {
             _ => {}
         }
         Verdict::Forward
+    }
+
+    /// What the queue's head is.
+    pub fn head(&self) -> Head<'_> {
+        match self.queue.front() {
+            Some(Expect::Simple(s)) => s.front().map_or(Head::Other, Head::Statement),
+            Some(Expect::Execute(s)) => Head::Statement(s),
+            Some(Expect::Describe { .. }) => Head::Describe,
+            _ => Head::Other,
+        }
+    }
+
+    /// The row shape of the result the server is sending now: its own
+    /// RowDescription, or for an Execute what Describe said of its portal
+    /// or statement (with the formats its Bind asked for).
+    pub fn current_fields(&self) -> Option<std::sync::Arc<Vec<Field>>> {
+        if let Some(f) = &self.current {
+            return Some(std::sync::Arc::clone(f));
+        }
+        let Head::Statement(s) = self.head() else {
+            return None;
+        };
+        let portal = s.portal.as_ref()?;
+        if let Some(f) = self.descriptions.get(&Described::Portal(portal.clone())) {
+            return Some(std::sync::Arc::clone(f));
+        }
+        let name = s.prepared.as_ref()?;
+        let f = self.descriptions.get(&Described::Statement(name.clone()))?;
+        let mut fields: Vec<Field> = f.as_ref().clone();
+        for (i, field) in fields.iter_mut().enumerate() {
+            field.format = match s.formats.as_slice() {
+                [] => 0,
+                [one] => *one,
+                many => many.get(i).copied().unwrap_or(0),
+            };
+        }
+        Some(std::sync::Arc::new(fields))
+    }
+
+    /// The result being sent ended (its completion, an error, a new query).
+    pub fn end_result(&mut self) {
+        self.current = None;
     }
 
     fn pop_if(&mut self, f: impl Fn(&Expect) -> bool) {

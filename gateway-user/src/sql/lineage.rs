@@ -110,7 +110,12 @@ fn copy_options(m: &Map<String, Value>) -> CopyOptions {
         delimiter: None,
         quote: None,
     };
-    for opt in m.get("options").and_then(Value::as_array).into_iter().flatten() {
+    for opt in m
+        .get("options")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
         let Some(("DefElem", d)) = single(unwrap_node(opt)) else {
             continue;
         };
@@ -154,7 +159,9 @@ pub fn output(tree: &Value) -> Output {
         },
         "DeclareCursorStmt" => Output {
             lineage: inner.get("query").and_then(|q| query(q, &env, &[])),
-            cursor: Some(CursorEffect::Declare(str_of(inner, "portalname").to_owned())),
+            cursor: Some(CursorEffect::Declare(
+                str_of(inner, "portalname").to_owned(),
+            )),
             ..Output::default()
         },
         "ExplainStmt" => Output::default(),
@@ -180,37 +187,41 @@ pub fn output(tree: &Value) -> Output {
 /// Lineage of a COPY TO: its query's, or its table's (listed columns, or
 /// all of them in the catalog's order).
 fn copy_output(inner: &Map<String, Value>, env: &Env) -> Output {
-if let Some(q) = inner.get("query").filter(|q| !q.is_null()) {
-            return Output {
-                lineage: query(q, env, &[]),
-                ..Output::default()
-            };
-        }
-        let Some(rel) = inner.get("relation").and_then(Value::as_object).map(rel_name) else {
-            return Output::default();
+    if let Some(q) = inner.get("query").filter(|q| !q.is_null()) {
+        return Output {
+            lineage: query(q, env, &[]),
+            ..Output::default()
         };
-        let cols = names(inner.get("attlist"));
-        if cols.is_empty() {
-            let all = BTreeSet::from([Source::Row(rel.clone())]);
-            Output {
-                lineage: Some(Lineage { columns: None, all }),
-                copy_table: Some(rel),
-                ..Output::default()
-            }
-        } else {
-            let columns: Vec<Sources> = cols
-                .iter()
-                .map(|c| BTreeSet::from([Source::Column(rel.clone(), c.clone())]))
-                .collect();
-            let all = columns.iter().flatten().cloned().collect();
-            Output {
-                lineage: Some(Lineage {
-                    columns: Some(columns),
-                    all,
-                }),
-                ..Output::default()
-            }
+    }
+    let Some(rel) = inner
+        .get("relation")
+        .and_then(Value::as_object)
+        .map(rel_name)
+    else {
+        return Output::default();
+    };
+    let cols = names(inner.get("attlist"));
+    if cols.is_empty() {
+        let all = BTreeSet::from([Source::Row(rel.clone())]);
+        Output {
+            lineage: Some(Lineage { columns: None, all }),
+            copy_table: Some(rel),
+            ..Output::default()
         }
+    } else {
+        let columns: Vec<Sources> = cols
+            .iter()
+            .map(|c| BTreeSet::from([Source::Column(rel.clone(), c.clone())]))
+            .collect();
+        let all = columns.iter().flatten().cloned().collect();
+        Output {
+            lineage: Some(Lineage {
+                columns: Some(columns),
+                all,
+            }),
+            ..Output::default()
+        }
+    }
 }
 
 /// `{"Name": {...}}` → ("Name", {...}).
@@ -284,9 +295,10 @@ impl Item {
     /// What column `col` of this item carries, if it may have one so named.
     fn column(&self, col: &str) -> Option<Sources> {
         match self {
-            Item::Relation { rel, .. } => {
-                Some(BTreeSet::from([Source::Column(rel.clone(), col.to_owned())]))
-            }
+            Item::Relation { rel, .. } => Some(BTreeSet::from([Source::Column(
+                rel.clone(),
+                col.to_owned(),
+            )])),
             Item::Derived {
                 names,
                 columns,
@@ -726,7 +738,9 @@ fn column_ref(m: &Map<String, Value>, scope: &Scope, outer: &[&Scope], out: &mut
         .last()
         .is_some_and(|f| unwrap_node(f).get("AStar").is_some());
     let words = names(m.get("fields"));
-    let levels: Vec<&Scope> = std::iter::once(scope).chain(outer.iter().rev().copied()).collect();
+    let levels: Vec<&Scope> = std::iter::once(scope)
+        .chain(outer.iter().rev().copied())
+        .collect();
     if is_star {
         // `*` or `x.*` inside an expression (`count(*)` has no ColumnRef).
         for level in &levels {
@@ -818,9 +832,14 @@ mod tests {
 
     #[test]
     fn expressions_carry_their_columns() {
-        let c = columns("SELECT upper(email), name || ' <' || email || '>', count(*), 1 FROM customers");
+        let c = columns(
+            "SELECT upper(email), name || ' <' || email || '>', count(*), 1 FROM customers",
+        );
         assert_eq!(c[0], BTreeSet::from([col("customers", "email")]));
-        assert_eq!(c[1], BTreeSet::from([col("customers", "name"), col("customers", "email")]));
+        assert_eq!(
+            c[1],
+            BTreeSet::from([col("customers", "name"), col("customers", "email")])
+        );
         assert!(c[2].is_empty());
         assert!(c[3].is_empty());
     }
@@ -846,7 +865,9 @@ mod tests {
         assert_eq!(c[0], BTreeSet::from([col("customers", "card")]));
         let c = columns("SELECT 'a' UNION SELECT ssn FROM customers");
         assert_eq!(c[0], BTreeSet::from([col("customers", "ssn")]));
-        let c = columns("SELECT (SELECT max(email) FROM customers), EXISTS (SELECT email FROM customers)");
+        let c = columns(
+            "SELECT (SELECT max(email) FROM customers), EXISTS (SELECT email FROM customers)",
+        );
         assert_eq!(c[0], BTreeSet::from([col("customers", "email")]));
         assert!(c[1].is_empty());
         let c = columns("SELECT l.x FROM customers c, LATERAL (SELECT c.ssn AS x) l");
@@ -859,7 +880,9 @@ mod tests {
 
     #[test]
     fn stars_over_tables_leave_the_width_to_the_catalog() {
-        let l = out("SELECT *, upper(email) FROM customers").lineage.unwrap();
+        let l = out("SELECT *, upper(email) FROM customers")
+            .lineage
+            .unwrap();
         assert!(l.columns.is_none());
         assert!(l.all.contains(&row("customers")));
     }
@@ -869,14 +892,25 @@ mod tests {
         let c = columns("UPDATE customers SET tier = 'x' WHERE id = 1 RETURNING upper(email)");
         assert_eq!(c[0], BTreeSet::from([col("customers", "email")]));
         let o = out("COPY (SELECT ssn FROM customers) TO STDOUT");
-        assert_eq!(o.lineage.unwrap().columns.unwrap()[0], BTreeSet::from([col("customers", "ssn")]));
+        assert_eq!(
+            o.lineage.unwrap().columns.unwrap()[0],
+            BTreeSet::from([col("customers", "ssn")])
+        );
         let o = out("COPY public.customers TO STDOUT");
         assert!(o.copy_table.is_some());
         let o = out("DECLARE c CURSOR FOR SELECT email || '' FROM customers");
         assert_eq!(o.cursor, Some(CursorEffect::Declare("c".into())));
         assert!(o.lineage.is_some());
-        assert_eq!(out("FETCH 2 FROM c").rows_of, Some(RowsOf::Cursor("c".into())));
-        assert_eq!(out("EXECUTE p(1)").rows_of, Some(RowsOf::Prepared("p".into())));
-        assert!(out("PREPARE p AS SELECT upper(ssn) FROM customers").lineage.is_some());
+        assert_eq!(
+            out("FETCH 2 FROM c").rows_of,
+            Some(RowsOf::Cursor("c".into()))
+        );
+        assert_eq!(
+            out("EXECUTE p(1)").rows_of,
+            Some(RowsOf::Prepared("p".into()))
+        );
+        assert!(out("PREPARE p AS SELECT upper(ssn) FROM customers")
+            .lineage
+            .is_some());
     }
 }

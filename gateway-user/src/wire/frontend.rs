@@ -171,6 +171,14 @@ pub fn parse(statement: &str, text: &str) -> Frame {
     })
 }
 
+/// Describe of a portal.
+pub fn describe_portal(portal: &str) -> Frame {
+    encode_frame(DESCRIBE, |b| {
+        b.put_u8(b'P');
+        put_cstr(b, portal);
+    })
+}
+
 pub fn terminate() -> Frame {
     encode_frame(TERMINATE, |_| {})
 }

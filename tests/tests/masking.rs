@@ -1,0 +1,189 @@
+//! Masking through a real driver (tokio-postgres: binary results, one
+//! prepared statement executed many times without a new Describe), each
+//! masking function and its type-correctness, and the catalog following a
+//! schema change.
+
+use agentgate_tests::cluster::GW_USER;
+use agentgate_tests::{Cluster, Gateway};
+use tokio_postgres::{Client, NoTls};
+
+async fn connect(dsn: &str) -> Client {
+    let (client, conn) = tokio_postgres::connect(dsn, NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("connect {dsn}: {e}"));
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    client
+}
+
+const POLICY: &str = r#"
+policy: masking-test
+identities:
+  - name: agent
+    match: {}
+rules:
+  - name: everything
+    identities: [agent]
+    action: allow
+    kinds: ["*"]
+  - name: all-objects
+    identities: [agent]
+    action: allow
+    objects: ["*"]
+  - name: all-functions
+    identities: [agent]
+    action: allow
+    functions: ["*"]
+masking:
+  - name: email-format
+    columns: [public.customers.email]
+    function: format
+  - name: card-partial
+    columns: [customers.card]
+    function: partial
+    keep: 4
+  - name: ssn-null
+    column_names: ["ssn"]
+    function: "null"
+  - name: phone-hash
+    columns: [public.customers.phone, public.accounts.owner_id]
+    function: hash
+    secret_file: hmac.key
+  - name: balance-redact
+    columns: [public.accounts.balance]
+    function: redact
+"#;
+
+fn setup() -> (Cluster, Gateway, tempfile::TempDir) {
+    let db = Cluster::start();
+    db.load_sample();
+    db.psql_as(
+        GW_USER,
+        "CREATE TABLE accounts (id int PRIMARY KEY, owner_id int, balance bigint, label text);
+         INSERT INTO accounts VALUES (1, 7, 1000, 'a'), (2, 7, 2000, 'b'), (3, 8, 3000, 'c');",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("policy.yaml"), POLICY).unwrap();
+    std::fs::write(
+        dir.path().join("hmac.key"),
+        "a test key of more than 16 bytes\n",
+    )
+    .unwrap();
+    let policy = dir.path().join("policy.yaml");
+    let gw = Gateway::start(&db, &["--policy", policy.to_str().unwrap()]);
+    (db, gw, dir)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn each_function_keeps_the_type_and_prepared_statements_stay_masked() {
+    let (_db, gw, _dir) = setup();
+    let c = connect(&gw.dsn("agent")).await;
+
+    // One statement, prepared once (Describe of the statement only), then
+    // executed many times in binary.
+    let stmt = c
+        .prepare("SELECT id, name, email, card, ssn, phone FROM customers WHERE id = $1")
+        .await
+        .unwrap();
+    let mut phones = Vec::new();
+    for id in 1..=4i32 {
+        let row = c.query_one(&stmt, &[&id]).await.unwrap();
+        assert_eq!(row.get::<_, i32>(0), id);
+        let email: &str = row.get(2);
+        assert!(
+            email.ends_with("@example.invalid") && email.starts_with('x'),
+            "{email}"
+        );
+        let card: &str = row.get(3);
+        assert!(card.starts_with("****") && card.len() >= 15, "{card}");
+        assert!(row.get::<_, Option<&str>>(4).is_none(), "ssn masks to NULL");
+        let phone: String = row.get(5);
+        assert!(
+            phone.starts_with("hmac:") && !phone.contains("555"),
+            "{phone}"
+        );
+        phones.push(phone);
+    }
+    phones.sort();
+    phones.dedup();
+    assert_eq!(phones.len(), 4, "different inputs hash apart");
+    let names: Vec<String> = c
+        .query("SELECT name FROM customers ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(names[0], "Ada Lovelace", "unprotected columns are intact");
+
+    // Integers stay integers: redact gives 0, hash a stable integer, so
+    // equal owners stay joinable.
+    let rows = c
+        .query(
+            "SELECT id, owner_id, balance, label FROM accounts ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap();
+    let owners: Vec<i32> = rows.iter().map(|r| r.get(1)).collect();
+    assert_eq!(owners[0], owners[1]);
+    assert_ne!(owners[0], owners[2]);
+    assert!(!owners.contains(&7) && !owners.contains(&8));
+    assert!(rows.iter().all(|r| r.get::<_, i64>(2) == 0));
+    assert_eq!(rows[2].get::<_, &str>(3), "c");
+
+    // Simple protocol (text) agrees with binary on the hashed integer.
+    let text = c
+        .simple_query("SELECT owner_id FROM accounts WHERE id = 1")
+        .await
+        .unwrap();
+    let v = text.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+        _ => None,
+    });
+    assert_eq!(v, Some(owners[0].to_string()));
+
+    // A computed value a protected column flows into is masked whole; one
+    // that does not is left alone.
+    let row = c
+        .query_one(
+            "SELECT upper(email), length(name), count(*) OVER () FROM customers WHERE id = 1",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, &str>(0), "xxxxx@example.invalid");
+    assert_eq!(row.get::<_, i32>(1), 12);
+    assert_eq!(row.get::<_, i64>(2), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_catalog_follows_schema_changes() {
+    let (db, gw, _dir) = setup();
+    let c = connect(&gw.dsn("agent")).await;
+    let before = c
+        .query_one("SELECT label FROM accounts WHERE id = 1", &[])
+        .await
+        .unwrap();
+    assert_eq!(before.get::<_, &str>(0), "a");
+    // Renamed around the gateway: after the rename, the protected column
+    // is `balance` no more, and the policy names the new one nowhere;
+    // `label` takes the name `balance` and must now be masked.
+    db.psql_as(
+        GW_USER,
+        "ALTER TABLE accounts RENAME COLUMN balance TO old_balance;
+         ALTER TABLE accounts RENAME COLUMN label TO balance;",
+    );
+    // Through the gateway, a DDL statement invalidates the cache at once.
+    c.batch_execute("CREATE TABLE touch (x int)").await.unwrap();
+    let row = c
+        .query_one(
+            "SELECT balance, old_balance FROM accounts WHERE id = 1",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, &str>(0), "[masked]");
+    assert_eq!(row.get::<_, i64>(1), 1000);
+}

@@ -53,6 +53,10 @@ masking:
   - name: balance-redact
     columns: [public.accounts.balance]
     function: redact
+  - name: tier-not-computed
+    columns: [public.customers.tier]
+    computed: deny
+    controls: [AC-3]
 "#;
 
 fn setup() -> (Cluster, Gateway, tempfile::TempDir) {
@@ -186,4 +190,40 @@ async fn the_catalog_follows_schema_changes() {
         .unwrap();
     assert_eq!(row.get::<_, &str>(0), "[masked]");
     assert_eq!(row.get::<_, i64>(1), 1000);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn computed_deny_refuses_before_the_statement_runs() {
+    let (_db, gw, _dir) = setup();
+    let c = connect(&gw.dsn("agent")).await;
+    // A plain read is masked, not refused.
+    let row = c
+        .query_one("SELECT tier FROM customers WHERE id = 1", &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, &str>(0), "[masked]");
+    for sql in [
+        "SELECT upper(tier) FROM customers",
+        "WITH x AS (SELECT lower(tier) AS t FROM customers) SELECT t FROM x",
+        "SELECT name || tier FROM customers UNION SELECT 'x'",
+    ] {
+        let err = c.query(sql, &[]).await.unwrap_err();
+        let db = err.as_db_error().unwrap_or_else(|| panic!("{sql}: {err}"));
+        assert_eq!(db.code().code(), "42501", "{sql}");
+        assert!(
+            db.message().contains("tier-not-computed"),
+            "{sql}: {}",
+            db.message()
+        );
+    }
+    // Computed values of other columns are fine, and the session goes on.
+    let row = c
+        .query_one("SELECT upper(name) FROM customers WHERE id = 1", &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, &str>(0), "ADA LOVELACE");
+    let denied = gw.wait_audit(3, |r| r["decision"]["rule"] == "tier-not-computed");
+    assert!(denied
+        .iter()
+        .all(|r| r["decision"]["controls"][0] == "AC-3"));
 }

@@ -315,9 +315,30 @@ pub fn run(args: BenchArgs) -> Result<()> {
 
     let (bouncer, bouncer_port) = start_pgbouncer(&db, w)?;
     let allow_all = root().join("policies/examples/allow-all.yaml");
-    let default = root().join("policies/default.yaml");
+    // The default policy plus a masking rule on one column of
+    // pgbench_accounts (one the select-only statement does not read, so
+    // the figure shows what masking costs where it does not apply).
+    let default = w.join("policy-default");
+    std::fs::create_dir_all(&default)?;
+    std::fs::copy(
+        root().join("policies/default.yaml"),
+        default.join("default.yaml"),
+    )?;
+    std::fs::write(
+        default.join("mask.yaml"),
+        "masking:\n  - name: bench-filler\n    columns: [public.pgbench_accounts.filler]\n",
+    )?;
+    // Allow-all plus two masked columns of the bulk table.
+    let masked = w.join("policy-masked");
+    std::fs::create_dir_all(&masked)?;
+    std::fs::copy(&allow_all, masked.join("allow-all.yaml"))?;
+    std::fs::write(
+        masked.join("mask.yaml"),
+        "masking:\n  - name: bench-bulk\n    columns: [public.bulk.a, public.bulk.b]\n",
+    )?;
     let (gw_all, gw_all_port) = start_gateway(&db, w, "agentgate-allow-all", &allow_all)?;
     let (gw_def, gw_def_port) = start_gateway(&db, w, "agentgate-default", &default)?;
+    let (gw_mask, gw_mask_port) = start_gateway(&db, w, "agentgate-masked", &masked)?;
     let configs = [
         Config {
             name: "direct",
@@ -338,6 +359,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
             name: "agentgate+default",
             port: gw_def_port,
             pid: Some(gw_def.0.id()),
+        },
+        Config {
+            name: "agentgate+2 masked",
+            port: gw_mask_port,
+            pid: Some(gw_mask.0.id()),
         },
     ];
 
@@ -379,7 +405,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     for wl in &workloads {
         for round in 0..args.rounds {
             let mut direct_rate = None;
-            for c in &configs {
+            for c in configs.iter().filter(|c| c.name != "agentgate+2 masked") {
                 // The default policy refuses writes: TPC-B is not its workload.
                 if c.name == "agentgate+default" && wl.name.starts_with("tpcb") {
                     continue;
@@ -500,7 +526,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         json_path.display(),
         svg_path.display()
     );
-    drop((bouncer, gw_all, gw_def));
+    drop((bouncer, gw_all, gw_def, gw_mask));
     Ok(())
 }
 

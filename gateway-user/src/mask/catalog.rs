@@ -118,11 +118,9 @@ impl Catalog {
     /// Makes sure the relations with these OIDs and names, their parents and
     /// what their views read are in the cache.
     pub async fn ensure(&self, oids: &[u32], names: &[&RelName]) -> Result<(), CatalogError> {
-        {
-            let mut s = self.write();
-            if s.filled.is_some_and(|t| t.elapsed() > MAX_AGE) {
-                *s = State::default();
-            }
+        let stale = self.read().filled.is_some_and(|t| t.elapsed() > MAX_AGE);
+        if stale {
+            *self.write() = State::default();
         }
         let mut want_oids: Vec<u32> = oids.to_vec();
         let mut want_names: Vec<String> = names.iter().map(|n| n.name.clone()).collect();

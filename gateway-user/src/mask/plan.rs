@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use super::catalog::State;
 use super::function::TypeClass;
-use crate::policy::masking::{MaskRule, MaskSet};
+use crate::policy::masking::{Computed, MaskRule, MaskSet};
 use crate::sql::lineage::{Lineage, RelName, Source};
 use crate::wire::rows::Field;
 
@@ -153,6 +153,15 @@ impl Resolver<'_> {
             }
         }
         None
+    }
+
+    /// A rule with `computed: deny` that a computed output of this lineage
+    /// would trip: the statement is refused before it runs.
+    pub fn computed_denial(&self, l: &Lineage) -> Option<Arc<MaskRule>> {
+        l.computed
+            .iter()
+            .filter_map(|s| self.source(s, 0))
+            .find(|r| r.computed == Computed::Deny)
     }
 
     /// The plan for a result with these fields.

@@ -114,6 +114,10 @@ impl MaskSet {
         self.rules.is_empty() && self.detectors.is_empty()
     }
 
+    pub fn has_computed_deny(&self) -> bool {
+        self.rules.iter().any(|r| r.computed == Computed::Deny)
+    }
+
     pub fn has_column_rules(&self) -> bool {
         !self.rules.is_empty()
     }

@@ -143,6 +143,19 @@ impl Decision {
         )
     }
 
+    /// A protected column would flow into a computed value, and its rule
+    /// says such statements are refused.
+    pub fn computed_from_protected(rule: &masking::MaskRule, policy: Arc<str>) -> Self {
+        Self {
+            action: Action::Deny,
+            rule: Arc::clone(&rule.name),
+            reason: "a protected column flows into a computed value".into(),
+            mode: Mode::Enforce,
+            controls: Arc::clone(&rule.controls),
+            policy,
+        }
+    }
+
     fn no_policy() -> Self {
         Self::builtin(Action::Allow, RULE_NO_POLICY, "")
     }

@@ -248,6 +248,7 @@ impl Relay {
                 } else {
                     Decision::audit_unavailable()
                 };
+                let decision = self.deny_computed(decision, &state.judge, &analysis);
                 if !decision.lets_through() {
                     let pending = pending_statements(
                         "simple",
@@ -275,6 +276,7 @@ impl Relay {
                 } else {
                     Decision::audit_unavailable()
                 };
+                let decision = self.deny_computed(decision, &state.judge, &analysis);
                 if !decision.lets_through() {
                     // PostgreSQL forgets the unnamed statement at any Parse.
                     if parse.statement.is_empty() {
@@ -431,6 +433,38 @@ impl Relay {
         };
         self.tracker().push(expect, done);
         Ok(Some(frame))
+    }
+
+    /// Refuses a statement whose computed output would carry a column
+    /// protected by a rule with `computed: deny`. Judged by the names in the
+    /// statement and what the catalog cache already knows (views,
+    /// partitions); anything it misses is still masked in the result.
+    fn deny_computed(&self, decision: Decision, judge: &Judge, analysis: &Analysis) -> Decision {
+        if !decision.lets_through() || !judge.mask.has_computed_deny() {
+            return decision;
+        }
+        let catalog = self
+            .shared
+            .catalogs
+            .get(&self.info.target.addr, &self.info.target.database);
+        let state = catalog.read();
+        let resolver = crate::mask::plan::Resolver {
+            set: &judge.mask,
+            catalog: Some(&state),
+        };
+        for facts in &analysis.statements {
+            if let Some(l) = &facts.output.lineage {
+                if let Some(rule) = resolver.computed_denial(l) {
+                    let label = judge
+                        .policy
+                        .as_ref()
+                        .map(|p| Arc::clone(&p.label))
+                        .unwrap_or_else(|| Arc::from("builtin"));
+                    return Decision::computed_from_protected(&rule, label);
+                }
+            }
+        }
+        decision
     }
 
     fn deny_simple(

@@ -55,6 +55,9 @@ pub struct Lineage {
     pub columns: Option<Vec<Sources>>,
     /// Everything any output column may carry.
     pub all: Sources,
+    /// What flows into output columns the server reports as computed (not
+    /// plain column references), for rules that deny such statements.
+    pub computed: Sources,
 }
 
 impl Lineage {
@@ -204,7 +207,11 @@ fn copy_output(inner: &Map<String, Value>, env: &Env) -> Output {
     if cols.is_empty() {
         let all = BTreeSet::from([Source::Row(rel.clone())]);
         Output {
-            lineage: Some(Lineage { columns: None, all }),
+            lineage: Some(Lineage {
+                columns: None,
+                all,
+                computed: Sources::new(),
+            }),
             copy_table: Some(rel),
             ..Output::default()
         }
@@ -218,6 +225,7 @@ fn copy_output(inner: &Map<String, Value>, env: &Env) -> Output {
             lineage: Some(Lineage {
                 columns: Some(columns),
                 all,
+                computed: Sources::new(),
             }),
             ..Output::default()
         }
@@ -275,6 +283,7 @@ enum Item {
         names: Vec<String>,
         columns: Option<Vec<Sources>>,
         all: Sources,
+        computed: Sources,
     },
 }
 
@@ -414,6 +423,7 @@ fn with_ctes(m: &Map<String, Value>, env: &Env, outer: &[&Scope]) -> Env {
                 names: cols,
                 columns: lineage.columns,
                 all: lineage.all,
+                computed: lineage.computed,
             },
         );
     }
@@ -479,7 +489,13 @@ fn select(m: &Map<String, Value>, env: &Env, outer: &[&Scope]) -> Lineage {
         };
         let mut all = l.all;
         all.extend(r.all);
-        return Lineage { columns, all };
+        let mut computed = l.computed;
+        computed.extend(r.computed);
+        return Lineage {
+            columns,
+            all,
+            computed,
+        };
     }
     let mut scope: Scope = Vec::new();
     from_items(m.get("from_clause"), &env, outer, &mut scope);
@@ -511,9 +527,10 @@ fn values(rows: &[Value], env: &Env, scope: &Scope, outer: &[&Scope]) -> Lineage
             columns[i].extend(s);
         }
     }
-    let all = columns.iter().flatten().cloned().collect();
+    let all: Sources = columns.iter().flatten().cloned().collect();
     Lineage {
         columns: Some(columns),
+        computed: all.clone(),
         all,
     }
 }
@@ -521,6 +538,7 @@ fn values(rows: &[Value], env: &Env, scope: &Scope, outer: &[&Scope]) -> Lineage
 fn targets(list: &[Value], env: &Env, scope: &Scope, outer: &[&Scope]) -> Lineage {
     let mut columns: Option<Vec<Sources>> = Some(Vec::new());
     let mut all = Sources::new();
+    let mut computed = Sources::new();
     for t in list {
         let Some(("ResTarget", rt)) = single(unwrap_node(t)) else {
             continue;
@@ -533,6 +551,11 @@ fn targets(list: &[Value], env: &Env, scope: &Scope, outer: &[&Scope]) -> Lineag
                         for s in &cols {
                             all.extend(s.iter().cloned());
                         }
+                        for i in star_items(c, scope) {
+                            if let Item::Derived { computed: dc, .. } = i {
+                                computed.extend(dc.iter().cloned());
+                            }
+                        }
                         if let Some(out) = columns.as_mut() {
                             out.extend(cols);
                         }
@@ -543,6 +566,9 @@ fn targets(list: &[Value], env: &Env, scope: &Scope, outer: &[&Scope]) -> Lineag
                         let items = star_items(c, scope);
                         for i in items {
                             all.extend(i.everything());
+                            if let Item::Derived { computed: dc, .. } = i {
+                                computed.extend(dc.iter().cloned());
+                            }
                         }
                         columns = None;
                     }
@@ -552,11 +578,36 @@ fn targets(list: &[Value], env: &Env, scope: &Scope, outer: &[&Scope]) -> Lineag
         }
         let s = expr(val, env, scope, outer);
         all.extend(s.iter().cloned());
+        let bare = matches!(single(unwrap_node(val)), Some(("ColumnRef", _)));
+        if bare {
+            // A plain reference is computed only where it names a computed
+            // column of a sub-select or CTE.
+            computed.extend(s.intersection(&derived_computed(scope, outer)).cloned());
+        } else {
+            computed.extend(s.iter().cloned());
+        }
         if let Some(out) = columns.as_mut() {
             out.push(s);
         }
     }
-    Lineage { columns, all }
+    Lineage {
+        columns,
+        all,
+        computed,
+    }
+}
+
+/// What flows into computed columns of the sub-selects and CTEs in scope.
+fn derived_computed(scope: &Scope, outer: &[&Scope]) -> Sources {
+    std::iter::once(scope)
+        .chain(outer.iter().copied())
+        .flatten()
+        .filter_map(|i| match i {
+            Item::Derived { computed, .. } => Some(computed.iter().cloned()),
+            Item::Relation { .. } => None,
+        })
+        .flatten()
+        .collect()
 }
 
 /// For `*` or `x.*`: Some(Some(columns)) when every expanded item's columns
@@ -605,6 +656,7 @@ fn from_item(v: &Value, env: &Env, outer: &[&Scope], scope: &mut Scope) {
                     names,
                     columns,
                     all,
+                    computed,
                     ..
                 }) = env.ctes.get(&rel.name)
                 {
@@ -614,6 +666,7 @@ fn from_item(v: &Value, env: &Env, outer: &[&Scope], scope: &mut Scope) {
                         names: if cols.is_empty() { names.clone() } else { cols },
                         columns: columns.clone(),
                         all: all.clone(),
+                        computed: computed.clone(),
                     });
                     return;
                 }
@@ -636,6 +689,7 @@ fn from_item(v: &Value, env: &Env, outer: &[&Scope], scope: &mut Scope) {
                 names: cols,
                 columns: lineage.columns,
                 all: lineage.all,
+                computed: lineage.computed,
             });
         }
         "JoinExpr" => {
@@ -647,11 +701,13 @@ fn from_item(v: &Value, env: &Env, outer: &[&Scope], scope: &mut Scope) {
             }
             if let Some(alias) = alias_of(m) {
                 let all = scope[start..].iter().flat_map(Item::everything).collect();
+                let computed = derived_computed(&scope[start..].to_vec(), &[]);
                 scope.push(Item::Derived {
                     alias,
                     names: Vec::new(),
                     columns: None,
                     all,
+                    computed,
                 });
             }
         }
@@ -669,6 +725,7 @@ fn from_item(v: &Value, env: &Env, outer: &[&Scope], scope: &mut Scope) {
                 alias: alias_of(m).unwrap_or_default(),
                 names: alias_columns(m),
                 columns: None,
+                computed: all.clone(),
                 all,
             });
         }
@@ -876,6 +933,20 @@ mod tests {
         assert!(c[0].contains(&col("customers", "email")));
         let c = columns("SELECT g FROM customers c, unnest(ARRAY[c.email]) g");
         assert!(c[0].contains(&col("customers", "email")));
+    }
+
+    #[test]
+    fn computed_sources_exclude_plain_reads() {
+        let l = out("SELECT email, upper(ssn) FROM customers")
+            .lineage
+            .unwrap();
+        assert_eq!(l.computed, BTreeSet::from([col("customers", "ssn")]));
+        let l =
+            out("WITH x AS (SELECT lower(card) AS k, phone FROM customers) SELECT k, phone FROM x")
+                .lineage
+                .unwrap();
+        assert!(l.computed.contains(&col("customers", "card")));
+        assert!(!l.computed.contains(&col("customers", "phone")));
     }
 
     #[test]

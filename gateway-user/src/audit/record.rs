@@ -4,8 +4,6 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use crate::sql::ObjectRef;
-
 /// Who is asking. Fields the gateway cannot vouch for are named as claims.
 #[derive(Debug, Clone, Serialize)]
 pub struct Actor {
@@ -74,47 +72,78 @@ impl SessionInfo {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+/// The statement part of a record. It holds the shared analysis rather
+/// than copies of its fields: the copying and formatting happen once, in the
+/// writer thread, off the relay's path.
+#[derive(Debug, Clone)]
 pub struct StatementRecord {
     /// `simple`, `extended` or `function_call`.
     pub protocol: &'static str,
-    /// The statement with literals replaced by `$n`; absent when it did not
-    /// parse (its raw text could hold anything).
-    pub text: Option<String>,
-    pub fingerprint: Option<String>,
-    pub kinds: Vec<&'static str>,
-    pub objects: Vec<ObjectRef>,
-    pub functions: Vec<String>,
+    pub analysis: Arc<crate::sql::Analysis>,
+    /// Which statement of the analysis this is.
+    pub index: usize,
     /// Length in bytes of the text the client sent for this statement.
     pub bytes: usize,
     /// The prepared statement name, in the extended protocol.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub prepared: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize)]
-pub struct DecisionRecord {
-    pub action: crate::policy::Action,
-    pub rule: String,
-    /// Policy name and digest, or `builtin`.
-    pub policy: String,
-    pub mode: crate::policy::Mode,
-    pub controls: Vec<String>,
-    /// Why a statement was refused, in one sentence.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
+impl Serialize for StatementRecord {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let facts = self.analysis.statements.get(self.index);
+        let n = 7 + usize::from(self.prepared.is_some());
+        let mut st = s.serialize_struct("StatementRecord", n)?;
+        st.serialize_field("protocol", self.protocol)?;
+        // The text with literals replaced by `$n`; absent when it did not
+        // parse (its raw text could hold anything).
+        st.serialize_field("text", &facts.map(|f| &f.text))?;
+        st.serialize_field("fingerprint", &facts.map(|f| &f.fingerprint))?;
+        st.serialize_field(
+            "kinds",
+            facts.map(|f| f.kinds.as_slice()).unwrap_or_default(),
+        )?;
+        st.serialize_field(
+            "objects",
+            facts.map(|f| f.objects.as_slice()).unwrap_or_default(),
+        )?;
+        st.serialize_field(
+            "functions",
+            facts.map(|f| f.functions.as_slice()).unwrap_or_default(),
+        )?;
+        st.serialize_field("bytes", &self.bytes)?;
+        if let Some(p) = &self.prepared {
+            st.serialize_field("prepared", p)?;
+        }
+        st.end()
+    }
+}
+
+/// The decision part of a record: action, rule, policy (name and digest,
+/// or `builtin`), mode, controls, and why a statement was refused.
+#[derive(Debug, Clone)]
+pub struct DecisionRecord(pub crate::policy::Decision);
+
+impl Serialize for DecisionRecord {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let d = &self.0;
+        let mut st = s.serialize_struct("DecisionRecord", 6)?;
+        st.serialize_field("action", &d.action)?;
+        st.serialize_field("rule", &*d.rule)?;
+        st.serialize_field("policy", &*d.policy)?;
+        st.serialize_field("mode", &d.mode)?;
+        st.serialize_field("controls", &*d.controls)?;
+        if !d.reason.is_empty() {
+            st.serialize_field("reason", &d.reason)?;
+        }
+        st.end()
+    }
 }
 
 impl From<&crate::policy::Decision> for DecisionRecord {
     fn from(d: &crate::policy::Decision) -> Self {
-        Self {
-            action: d.action,
-            rule: d.rule.to_string(),
-            policy: d.policy.to_string(),
-            mode: d.mode,
-            controls: d.controls.to_vec(),
-            reason: (!d.reason.is_empty()).then(|| d.reason.clone()),
-        }
+        Self(d.clone())
     }
 }
 
@@ -136,7 +165,8 @@ pub struct Outcome {
 /// One line of the audit trail, before it is numbered.
 #[derive(Debug, Clone)]
 pub struct Record {
-    pub ts: String,
+    /// When it happened; formatted by the writer thread.
+    pub ts: time::OffsetDateTime,
     pub event: &'static str,
     pub session: Arc<SessionInfo>,
     pub body: RecordBody,
@@ -181,7 +211,7 @@ pub struct PolicyReloadRecord {
 impl Record {
     pub fn new(event: &'static str, session: Arc<SessionInfo>, body: RecordBody) -> Self {
         Self {
-            ts: now_rfc3339(),
+            ts: time::OffsetDateTime::now_utc(),
             event,
             session,
             body,
@@ -208,7 +238,11 @@ const RFC3339_MICROS: &[time::format_description::BorrowedFormatItem<'static>] =
 
 /// The current time in RFC 3339, UTC, with microseconds.
 pub fn now_rfc3339() -> String {
-    time::OffsetDateTime::now_utc()
-        .format(RFC3339_MICROS)
+    rfc3339(time::OffsetDateTime::now_utc())
+}
+
+/// A time in RFC 3339, UTC, with microseconds.
+pub fn rfc3339(t: time::OffsetDateTime) -> String {
+    t.format(RFC3339_MICROS)
         .unwrap_or_else(|_| String::from("1970-01-01T00:00:00.000000Z"))
 }

@@ -119,9 +119,10 @@ struct Writer {
 impl Writer {
     fn append(&mut self, record: &Record) {
         self.seq += 1;
+        let ts = super::record::rfc3339(record.ts);
         let line = Line {
             v: SCHEMA_VERSION,
-            ts: &record.ts,
+            ts: &ts,
             seq: self.seq,
             event: record.event,
             session: &record.session,

@@ -46,7 +46,7 @@ pub struct Relation {
     /// Direct parents: the partitioned table or inheritance parents.
     pub parents: Vec<u32>,
     /// For a view: what each of its columns is made of.
-    pub view: Option<Lineage>,
+    pub view: Option<Arc<Lineage>>,
 }
 
 impl Relation {

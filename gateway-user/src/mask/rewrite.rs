@@ -19,8 +19,7 @@ pub type Counts = BTreeMap<String, u64>;
 /// Runs the detectors over a text value: every hit is masked by its
 /// detector's rule. `None` when a hit's rule masks to NULL.
 pub fn scan_text<'a>(set: &MaskSet, text: &'a str) -> (Option<Cow<'a, str>>, bool) {
-    let kinds = set.detector_kinds();
-    let hits = detect::find(text, &kinds);
+    let hits = detect::find(text, set.detector_kinds());
     if hits.is_empty() {
         return (Some(Cow::Borrowed(text)), false);
     }
@@ -71,7 +70,7 @@ fn value<'a>(set: &MaskSet, plan: &ColumnPlan, v: &'a [u8]) -> (Option<Cow<'a, [
             if plan.binary && plan.class == TypeClass::Int8 {
                 // A card number fits in a bigint.
                 let text = binary_int(v).map(|n| n.to_string()).unwrap_or_default();
-                if detect::find(&text, &set.detector_kinds()).is_empty() {
+                if detect::find(&text, set.detector_kinds()).is_empty() {
                     return (Some(Cow::Borrowed(v)), false);
                 }
                 let f = detector_function(set);
@@ -94,7 +93,7 @@ fn value<'a>(set: &MaskSet, plan: &ColumnPlan, v: &'a [u8]) -> (Option<Cow<'a, [
                 return (Some(Cow::Borrowed(v)), false);
             };
             if is_number {
-                if detect::find(text, &set.detector_kinds()).is_empty() {
+                if detect::find(text, set.detector_kinds()).is_empty() {
                     return (Some(Cow::Borrowed(v)), false);
                 }
                 let f = detector_function(set);

@@ -89,6 +89,7 @@ impl MaskRule {
 pub struct MaskSet {
     rules: Vec<Arc<MaskRule>>,
     detectors: Vec<(Detector, Arc<MaskRule>)>,
+    kinds: Vec<Detector>,
 }
 
 impl MaskSet {
@@ -106,7 +107,12 @@ impl MaskSet {
             .into_iter()
             .filter(|r| !r.columns.is_empty() || !r.column_names.is_empty())
             .collect();
-        Self { rules, detectors }
+        let kinds = detectors.iter().map(|(d, _)| *d).collect();
+        Self {
+            rules,
+            detectors,
+            kinds,
+        }
     }
 
     /// Nothing to mask and nothing to detect: rows pass untouched.
@@ -155,8 +161,8 @@ impl MaskSet {
         &self.detectors
     }
 
-    pub fn detector_kinds(&self) -> Vec<Detector> {
-        self.detectors.iter().map(|(d, _)| *d).collect()
+    pub fn detector_kinds(&self) -> &[Detector] {
+        &self.kinds
     }
 
     pub fn first_rule(&self) -> Option<&Arc<MaskRule>> {

@@ -244,7 +244,7 @@ impl Relay {
                 let text = fe::decode_query(body)?;
                 let analysis = self.shared.cache.analyze(text);
                 let decision = if healthy {
-                    state.judge.decide(&self.shared.policy, text, &analysis)
+                    state.judge.decide(&self.shared.policy, &analysis)
                 } else {
                     Decision::audit_unavailable()
                 };
@@ -260,7 +260,12 @@ impl Relay {
                     );
                     return Ok(Some(self.deny_simple(pending, &decision, done)));
                 }
-                let rows = state.rows_of_all(&analysis);
+                // Row sources matter only to masking.
+                let rows = if state.judge.mask.is_empty() {
+                    Vec::new()
+                } else {
+                    state.rows_of_all(&analysis)
+                };
                 let pending =
                     pending_statements("simple", &analysis, text.len(), None, &decision, rows);
                 state.track_sql_prepares(&analysis, text.len(), &decision);
@@ -270,9 +275,7 @@ impl Relay {
                 let parse = fe::decode_parse(body)?;
                 let analysis = self.shared.cache.analyze(parse.query);
                 let decision = if healthy {
-                    state
-                        .judge
-                        .decide(&self.shared.policy, parse.query, &analysis)
+                    state.judge.decide(&self.shared.policy, &analysis)
                 } else {
                     Decision::audit_unavailable()
                 };
@@ -412,6 +415,7 @@ impl Relay {
                     analysis: Arc::new(Analysis {
                         statements: Vec::new(),
                         parse_error: None,
+                        shareable: false,
                     }),
                     index: 0,
                     bytes: body.len(),
@@ -526,6 +530,7 @@ impl Relay {
         let mut masker = ResultMasker::new(Some(catalog));
         loop {
             let mask = self.mask();
+            self.tracker().masking = !mask.is_empty();
             loop {
                 let mut frame = match splitter.split(&mut buf) {
                     Ok(Some(f)) => f,
@@ -611,14 +616,16 @@ struct Portal {
 }
 
 /// One session's view of the policy: its identities under the policy in
-/// force, and decisions cached by statement text (the identity is fixed for
-/// the session, so the text is the rest of the key). A reload clears both.
+/// force, and decisions cached by analysis (the identity is fixed for the
+/// session, so the analysis is the rest of the key). A reload clears both.
 struct Judge {
     who: Who,
     version: u64,
     policy: Option<Arc<Policy>>,
     identities: Vec<usize>,
-    cache: HashMap<String, Decision>,
+    /// Keyed by the analysis' address; the entry holds the analysis so the
+    /// address cannot be reused while it is a key.
+    cache: HashMap<usize, (Arc<Analysis>, Decision)>,
     mask: Arc<MaskSet>,
 }
 
@@ -658,16 +665,17 @@ impl Judge {
         true
     }
 
-    fn decide(&mut self, store: &PolicyStore, text: &str, analysis: &Analysis) -> Decision {
+    fn decide(&mut self, store: &PolicyStore, analysis: &Arc<Analysis>) -> Decision {
         self.refresh(store);
-        if let Some(d) = self.cache.get(text) {
+        let key = Arc::as_ptr(analysis) as usize;
+        if let Some((_, d)) = self.cache.get(&key) {
             return d.clone();
         }
         let d = policy::decide(self.policy.as_deref(), &self.identities, analysis);
         if self.cache.len() >= DECISION_CACHE_ENTRIES {
             self.cache.clear();
         }
-        self.cache.insert(text.to_owned(), d.clone());
+        self.cache.insert(key, (Arc::clone(analysis), d.clone()));
         d
     }
 }
@@ -684,7 +692,7 @@ impl FrontendState {
                 match &facts.output.cursor {
                     Some(CursorEffect::Declare(name)) => {
                         let declared = match &facts.output.lineage {
-                            Some(l) => RowSource::Known(Arc::new(l.clone())),
+                            Some(l) => RowSource::Known(Arc::clone(l)),
                             None => RowSource::Unknown,
                         };
                         self.cursors.insert(name.clone(), declared);
@@ -712,7 +720,7 @@ impl FrontendState {
                 None => RowSource::Unknown,
             },
             None => match &facts.output.lineage {
-                Some(l) => RowSource::Known(Arc::new(l.clone())),
+                Some(l) => RowSource::Known(Arc::clone(l)),
                 // Procedures return what they like.
                 None if facts.kinds.first() == Some(&"call") => RowSource::Unknown,
                 None => RowSource::NoData,
@@ -724,7 +732,7 @@ impl FrontendState {
         match p.analysis.statements.get(p.index) {
             // A SQL PREPARE's lineage is its statement's; a Parse's is its own.
             Some(f) => match (&f.output.lineage, &f.output.rows_of) {
-                (Some(l), _) => RowSource::Known(Arc::new(l.clone())),
+                (Some(l), _) => RowSource::Known(Arc::clone(l)),
                 (None, Some(_)) => self.rows_of(f),
                 (None, None) if f.kinds.first() == Some(&"call") => RowSource::Unknown,
                 (None, None) => RowSource::NoData,
@@ -813,14 +821,10 @@ fn pending_statements(
 
 fn statement_record(info: &Arc<SessionInfo>, c: Completed) -> Record {
     let s = c.statement;
-    let facts = s.analysis.statements.get(s.index);
     let statement = StatementRecord {
         protocol: s.protocol,
-        text: facts.map(|f| f.text.clone()),
-        fingerprint: facts.map(|f| f.fingerprint.clone()),
-        kinds: facts.map(|f| f.kinds.clone()).unwrap_or_default(),
-        objects: facts.map(|f| f.objects.clone()).unwrap_or_default(),
-        functions: facts.map(|f| f.functions.clone()).unwrap_or_default(),
+        analysis: s.analysis,
+        index: s.index,
         bytes: s.bytes,
         prepared: s.prepared,
     };
@@ -829,7 +833,7 @@ fn statement_record(info: &Arc<SessionInfo>, c: Completed) -> Record {
         Arc::clone(info),
         RecordBody::Statement {
             statement,
-            decision: DecisionRecord::from(&s.decision),
+            decision: DecisionRecord(s.decision),
             outcome: c.outcome,
         },
     )

@@ -114,6 +114,9 @@ pub struct Tracker {
     descriptions: HashMap<Described, std::sync::Arc<Vec<Field>>>,
     /// The row shape of the result being sent now.
     current: Option<std::sync::Arc<Vec<Field>>>,
+    /// Whether row shapes are needed (the session masks something); when
+    /// not, RowDescriptions are not decoded at all.
+    pub masking: bool,
 }
 
 fn outcome(status: &'static str, started: Instant) -> Outcome {
@@ -158,7 +161,7 @@ impl Tracker {
             backend::BIND_COMPLETE => self.pop_if(|e| matches!(e, Expect::Bind(_))),
             backend::CLOSE_COMPLETE => self.pop_if(|e| matches!(e, Expect::Close)),
             backend::ROW_DESCRIPTION | backend::NO_DATA => {
-                let fields = (frame.tag() == backend::ROW_DESCRIPTION)
+                let fields = (self.masking && frame.tag() == backend::ROW_DESCRIPTION)
                     .then(|| rows::decode_row_description(frame.body()).ok())
                     .flatten()
                     .map(std::sync::Arc::new);

@@ -1,14 +1,16 @@
-//! Analyses cached by statement text.
+//! Analyses cached by statement text, and by shape.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use super::{analyze, Analysis};
+use super::{analyze, shape::shape, Analysis};
 
-/// A bounded, process-wide cache of analyses keyed by the exact text, so a
-/// statement a driver sends again and again is parsed once. The key is the
-/// full text, literals included: two texts that differ only in a literal
-/// can be judged differently, so they are never merged.
+/// A bounded, process-wide cache of analyses, so a statement a driver sends
+/// again and again is parsed once. Keyed by the exact text and, for
+/// analyses that allow it, by the text's shape (numbers replaced): texts
+/// that differ in a string literal are never merged, since a string can
+/// change a decision (`set_config('role', ...)`); a number only can where
+/// it is an option's value, and such analyses are not shared.
 pub struct AnalysisCache {
     entries: Mutex<HashMap<Arc<str>, Arc<Analysis>>>,
     capacity: usize,
@@ -26,6 +28,12 @@ impl AnalysisCache {
         if let Some(hit) = self.lock().get(text) {
             return Arc::clone(hit);
         }
+        let shaped = shape(text);
+        if let Some(key) = &shaped {
+            if let Some(hit) = self.lock().get(format!("\0{key}").as_str()) {
+                return Arc::clone(hit);
+            }
+        }
         let analysis = Arc::new(analyze(text));
         let mut entries = self.lock();
         // Dropping everything when full is crude but bounded and O(1)
@@ -33,7 +41,15 @@ impl AnalysisCache {
         if entries.len() >= self.capacity {
             entries.clear();
         }
-        entries.insert(Arc::from(text), Arc::clone(&analysis));
+        match shaped {
+            // Shape keys start with NUL, which no query text holds.
+            Some(key) if analysis.shareable => {
+                entries.insert(Arc::from(format!("\0{key}")), Arc::clone(&analysis));
+            }
+            _ => {
+                entries.insert(Arc::from(text), Arc::clone(&analysis));
+            }
+        }
         analysis
     }
 
@@ -45,5 +61,25 @@ impl AnalysisCache {
         // A panic while holding the lock cannot leave the map inconsistent
         // (inserts are single calls), so a poisoned lock is still usable.
         self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_share_an_analysis_strings_and_options_do_not() {
+        let c = AnalysisCache::new(100);
+        let a = c.analyze("SELECT abalance FROM pgbench_accounts WHERE aid = 1");
+        let b = c.analyze("SELECT abalance FROM pgbench_accounts WHERE aid = 2");
+        assert!(Arc::ptr_eq(&a, &b));
+        let x = c.analyze("SELECT set_config('role', 'x', false)");
+        let y = c.analyze("SELECT set_config('work_mem', 'x', false)");
+        assert!(!Arc::ptr_eq(&x, &y));
+        let on = c.analyze("EXPLAIN (ANALYZE 1) DELETE FROM t");
+        let off = c.analyze("EXPLAIN (ANALYZE 0) DELETE FROM t");
+        assert!(!Arc::ptr_eq(&on, &off));
+        assert_ne!(on.statements[0].features, off.statements[0].features);
     }
 }

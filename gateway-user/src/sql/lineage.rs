@@ -11,6 +11,7 @@
 //! the like do not flow into values and are not followed.
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
 
 use serde_json::{Map, Value};
 
@@ -88,7 +89,7 @@ pub enum CursorEffect {
 pub struct Output {
     /// The rows this statement returns, or for PREPARE and DECLARE, the rows
     /// of the statement it defines. `None` when it returns no table data.
-    pub lineage: Option<Lineage>,
+    pub lineage: Option<Arc<Lineage>>,
     pub rows_of: Option<RowsOf>,
     pub cursor: Option<CursorEffect>,
     /// `COPY table TO STDOUT` without a column list: the table's columns in
@@ -148,7 +149,7 @@ pub fn output(tree: &Value) -> Output {
     let env = Env::default();
     match name {
         "SelectStmt" | "InsertStmt" | "UpdateStmt" | "DeleteStmt" | "MergeStmt" => Output {
-            lineage: statement(name, inner, &env, &[]),
+            lineage: statement(name, inner, &env, &[]).map(Arc::new),
             ..Output::default()
         },
         "CopyStmt" => {
@@ -157,11 +158,17 @@ pub fn output(tree: &Value) -> Output {
             out
         }
         "PrepareStmt" => Output {
-            lineage: inner.get("query").and_then(|q| query(q, &env, &[])),
+            lineage: inner
+                .get("query")
+                .and_then(|q| query(q, &env, &[]))
+                .map(Arc::new),
             ..Output::default()
         },
         "DeclareCursorStmt" => Output {
-            lineage: inner.get("query").and_then(|q| query(q, &env, &[])),
+            lineage: inner
+                .get("query")
+                .and_then(|q| query(q, &env, &[]))
+                .map(Arc::new),
             cursor: Some(CursorEffect::Declare(
                 str_of(inner, "portalname").to_owned(),
             )),
@@ -192,7 +199,7 @@ pub fn output(tree: &Value) -> Output {
 fn copy_output(inner: &Map<String, Value>, env: &Env) -> Output {
     if let Some(q) = inner.get("query").filter(|q| !q.is_null()) {
         return Output {
-            lineage: query(q, env, &[]),
+            lineage: query(q, env, &[]).map(Arc::new),
             ..Output::default()
         };
     }
@@ -207,11 +214,11 @@ fn copy_output(inner: &Map<String, Value>, env: &Env) -> Output {
     if cols.is_empty() {
         let all = BTreeSet::from([Source::Row(rel.clone())]);
         Output {
-            lineage: Some(Lineage {
+            lineage: Some(Arc::new(Lineage {
                 columns: None,
                 all,
                 computed: Sources::new(),
-            }),
+            })),
             copy_table: Some(rel),
             ..Output::default()
         }
@@ -222,11 +229,11 @@ fn copy_output(inner: &Map<String, Value>, env: &Env) -> Output {
             .collect();
         let all = columns.iter().flatten().cloned().collect();
         Output {
-            lineage: Some(Lineage {
+            lineage: Some(Arc::new(Lineage {
                 columns: Some(columns),
                 all,
                 computed: Sources::new(),
-            }),
+            })),
             ..Output::default()
         }
     }
@@ -884,7 +891,7 @@ mod tests {
     }
 
     fn columns(sql: &str) -> Vec<Sources> {
-        out(sql).lineage.unwrap().columns.unwrap()
+        out(sql).lineage.unwrap().columns.clone().unwrap()
     }
 
     #[test]
@@ -964,7 +971,7 @@ mod tests {
         assert_eq!(c[0], BTreeSet::from([col("customers", "email")]));
         let o = out("COPY (SELECT ssn FROM customers) TO STDOUT");
         assert_eq!(
-            o.lineage.unwrap().columns.unwrap()[0],
+            o.lineage.unwrap().columns.clone().unwrap()[0],
             BTreeSet::from([col("customers", "ssn")])
         );
         let o = out("COPY public.customers TO STDOUT");

@@ -8,6 +8,7 @@ mod cache;
 mod facts;
 mod kind;
 pub mod lineage;
+mod shape;
 
 use pg_query::{protobuf, NodeEnum};
 use serde::Serialize;
@@ -26,6 +27,9 @@ pub struct Analysis {
     /// Set when the text does not parse. The message may quote the client's
     /// text, so it goes to the client only, never to the audit.
     pub parse_error: Option<String>,
+    /// Whether texts of the same shape (numbers aside) get these very facts:
+    /// false when a number is an option's value (`EXPLAIN (ANALYZE 0)`).
+    pub shareable: bool,
 }
 
 /// Facts about one statement.
@@ -83,9 +87,11 @@ pub fn analyze(text: &str) -> Analysis {
             return Analysis {
                 statements: Vec::new(),
                 parse_error: Some(e.to_string()),
+                shareable: false,
             }
         }
     };
+    let mut shareable = true;
     let single = parsed.protobuf.stmts.len() == 1;
     let mut statements = Vec::with_capacity(parsed.protobuf.stmts.len());
     for raw in &parsed.protobuf.stmts {
@@ -100,11 +106,15 @@ pub fn analyze(text: &str) -> Analysis {
             None => Err("statement bounds fall outside the text".to_owned()),
         };
         match facts {
-            Ok(f) => statements.push(f),
+            Ok((f, numbers_matter)) => {
+                shareable &= !numbers_matter;
+                statements.push(f)
+            }
             Err(e) => {
                 return Analysis {
                     statements: Vec::new(),
                     parse_error: Some(e),
+                    shareable: false,
                 }
             }
         }
@@ -112,6 +122,7 @@ pub fn analyze(text: &str) -> Analysis {
     Analysis {
         statements,
         parse_error: None,
+        shareable,
     }
 }
 
@@ -129,7 +140,7 @@ fn statement_facts(
     piece: &str,
     raw: &protobuf::RawStmt,
     parsed: &pg_query::ParseResult,
-) -> Result<StatementFacts, String> {
+) -> Result<(StatementFacts, bool), String> {
     let normalized = pg_query::normalize(piece).map_err(|e| e.to_string())?;
     let fingerprint = pg_query::fingerprint(piece, pg_query::ParserOptions::DEFAULT, 0)
         .map_err(|e| e.to_string())?
@@ -145,17 +156,33 @@ fn statement_facts(
     let tree = serde_json::to_value(own).map_err(|e| e.to_string())?;
     let facts = facts::collect(kind, &tree);
     let output = lineage::output(&tree);
+    let numbers_matter = has_option_number(&tree);
 
-    Ok(StatementFacts {
-        text: normalized,
-        fingerprint,
-        kinds: facts.kinds,
-        objects: facts.objects.into_iter().collect(),
-        functions: facts.functions.into_iter().collect(),
-        features: facts.features.into_iter().collect(),
-        prepared_effect: prepared_effect(top),
-        output,
-    })
+    Ok((
+        StatementFacts {
+            text: normalized,
+            fingerprint,
+            kinds: facts.kinds,
+            objects: facts.objects.into_iter().collect(),
+            functions: facts.functions.into_iter().collect(),
+            features: facts.features.into_iter().collect(),
+            prepared_effect: prepared_effect(top),
+            output,
+        },
+        numbers_matter,
+    ))
+}
+
+/// Whether a number sits where its value changes the facts: an option's
+/// argument (`Integer`/`Float` nodes; expression constants are `AConst`).
+fn has_option_number(v: &serde_json::Value) -> bool {
+    match v {
+        serde_json::Value::Object(m) => m
+            .iter()
+            .any(|(k, x)| k == "Integer" || k == "Float" || has_option_number(x)),
+        serde_json::Value::Array(a) => a.iter().any(has_option_number),
+        _ => false,
+    }
 }
 
 #[cfg(test)]

@@ -58,7 +58,7 @@ pub fn shape(text: &str) -> Option<String> {
                     i = body + end + tag.len();
                 }
             }
-            b'0'..=b'9' if !ident_char_before(b, i) && !(i > 0 && b[i - 1] == b'.') => {
+            b'0'..=b'9' if !(ident_char_before(b, i) || (i > 0 && b[i - 1] == b'.')) => {
                 let start = i;
                 while b.get(i).is_some_and(u8::is_ascii_digit) {
                     i += 1;

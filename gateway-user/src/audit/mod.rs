@@ -1,9 +1,9 @@
 //! The audit trail: one JSON object per line, in order, gap-free.
 //!
-//! Records go through a bounded queue to one writer thread, which numbers
-//! them (`seq`), writes them and flushes whenever the queue runs dry and at
-//! least every 100 ms. A full queue makes sessions wait rather than drop a
-//! record. A failed write marks the sink unhealthy, which makes sessions
+//! Sessions number (`seq`) and serialise their records into one bounded
+//! buffer; one writer thread writes it out and flushes whenever it runs dry
+//! and at least every 100 ms. A full buffer makes sessions wait rather than
+//! drop a record. A failed write marks the sink unhealthy, which makes sessions
 //! deny new statements until a retry succeeds; the unwritten bytes are kept
 //! and retried, so nothing is lost.
 

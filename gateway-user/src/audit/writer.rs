@@ -3,10 +3,10 @@
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{oneshot, Notify};
 
 use super::record::{Line, Record};
 use super::SCHEMA_VERSION;
@@ -42,21 +42,44 @@ pub enum AuditError {
     Stopped,
 }
 
-enum Msg {
-    Record(Box<Record>),
-    Flush(oneshot::Sender<()>),
+/// Lines waiting for the writer, already numbered and serialised.
+struct Pending {
+    bytes: Vec<u8>,
+    seq: u64,
+    /// Flush requests, answered once everything before them is written.
+    flushes: Vec<oneshot::Sender<()>>,
+    /// The writer thread has ended (it never does while the sink lives).
+    stopped: bool,
+}
+
+struct Inner {
+    pending: Mutex<Pending>,
+    /// Wakes an idle writer (it polls while records keep coming).
+    wake: Condvar,
+    writer_idle: AtomicBool,
+    /// Wakes sessions waiting for room in a full buffer.
+    room: Notify,
+    healthy: AtomicBool,
 }
 
 /// A handle to the audit stream; cheap to clone, one per session.
+///
+/// Sessions serialise and number their records straight into a shared
+/// buffer; the writer thread swaps it out and writes it. No record is
+/// boxed, queued or freed on another thread, so the relay threads and the
+/// writer never contend in the allocator.
 #[derive(Clone)]
 pub struct AuditSink {
-    tx: mpsc::Sender<Msg>,
-    healthy: Arc<AtomicBool>,
+    inner: Arc<Inner>,
 }
 
-const QUEUE: usize = 8192;
+/// How many serialised bytes may wait before sessions wait for the writer.
+const MAX_PENDING: usize = 8 << 20;
 const FLUSH_EVERY: Duration = Duration::from_millis(100);
 const RETRY_EVERY: Duration = Duration::from_millis(500);
+/// While records keep coming, the writer polls at this interval instead of
+/// being woken for each one: one wake-up and one write per batch.
+const BATCH_WINDOW: Duration = Duration::from_millis(5);
 
 impl AuditSink {
     pub fn open(target: &AuditTarget) -> Result<Self, AuditError> {
@@ -73,91 +96,129 @@ impl AuditSink {
                     })?,
             ),
         };
-        let (tx, rx) = mpsc::channel(QUEUE);
-        let healthy = Arc::new(AtomicBool::new(true));
-        let flag = Arc::clone(&healthy);
+        let inner = Arc::new(Inner {
+            pending: Mutex::new(Pending {
+                bytes: Vec::with_capacity(64 * 1024),
+                seq: 0,
+                flushes: Vec::new(),
+                stopped: false,
+            }),
+            wake: Condvar::new(),
+            writer_idle: AtomicBool::new(false),
+            room: Notify::new(),
+            healthy: AtomicBool::new(true),
+        });
+        let shared = Arc::clone(&inner);
         std::thread::Builder::new()
             .name("audit-writer".into())
-            .spawn(move || run_writer(out, rx, flag))
+            .spawn(move || run_writer(out, shared))
             .map_err(AuditError::Thread)?;
-        Ok(Self { tx, healthy })
+        Ok(Self { inner })
     }
 
     /// False while the last write failed: sessions must deny statements.
     pub fn is_healthy(&self) -> bool {
-        self.healthy.load(Ordering::Relaxed)
+        self.inner.healthy.load(Ordering::Relaxed)
     }
 
-    /// Queues a record, waiting for room when the writer is behind.
+    fn lock(&self) -> MutexGuard<'_, Pending> {
+        // Appends are whole lines or nothing, so a poisoned lock still holds
+        // a consistent buffer.
+        self.inner.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn wake_writer(&self) {
+        if self.inner.writer_idle.swap(false, Ordering::AcqRel) {
+            self.inner.wake.notify_one();
+        }
+    }
+
+    /// Numbers and appends a record, waiting for room when the writer is
+    /// behind (a full buffer slows sessions down; it never drops a record).
     pub async fn emit(&self, record: Record) -> Result<(), AuditError> {
-        self.tx
-            .send(Msg::Record(Box::new(record)))
-            .await
-            .map_err(|_| AuditError::Stopped)
+        loop {
+            let room = self.inner.room.notified();
+            {
+                let mut p = self.lock();
+                if p.stopped {
+                    return Err(AuditError::Stopped);
+                }
+                if p.bytes.len() < MAX_PENDING {
+                    p.seq += 1;
+                    let seq = p.seq;
+                    append(&mut p.bytes, seq, &record);
+                    drop(p);
+                    self.wake_writer();
+                    return Ok(());
+                }
+            }
+            self.wake_writer();
+            room.await;
+        }
     }
 
-    /// Returns once every record queued before the call is written and
+    /// Returns once every record appended before the call is written and
     /// flushed (used at shutdown).
     pub async fn flush(&self) -> Result<(), AuditError> {
         let (tx, rx) = oneshot::channel();
-        self.tx
-            .send(Msg::Flush(tx))
-            .await
-            .map_err(|_| AuditError::Stopped)?;
+        {
+            let mut p = self.lock();
+            if p.stopped {
+                return Err(AuditError::Stopped);
+            }
+            p.flushes.push(tx);
+        }
+        self.inner.writer_idle.store(false, Ordering::Release);
+        self.inner.wake.notify_one();
         rx.await.map_err(|_| AuditError::Stopped)
     }
 }
 
+/// Serialises one numbered line onto `out`.
+fn append(out: &mut Vec<u8>, seq: u64, record: &Record) {
+    let ts = super::record::rfc3339(record.ts);
+    let line = Line {
+        v: SCHEMA_VERSION,
+        ts: &ts,
+        seq,
+        event: record.event,
+        session: &record.session,
+        body: &record.body,
+    };
+    let start = out.len();
+    // Serialising plain structs into a Vec cannot fail; if it somehow did,
+    // the partial line is removed so the stream stays one object per line.
+    if let Err(e) = serde_json::to_writer(&mut *out, &line) {
+        out.truncate(start);
+        tracing::error!(error = %e, "audit record could not be serialised");
+        return;
+    }
+    out.push(b'\n');
+}
+
 struct Writer {
     out: Box<dyn Write + Send>,
-    pending: Vec<u8>,
-    seq: u64,
-    healthy: Arc<AtomicBool>,
-    last_flush: Instant,
 }
 
 impl Writer {
-    fn append(&mut self, record: &Record) {
-        self.seq += 1;
-        let ts = super::record::rfc3339(record.ts);
-        let line = Line {
-            v: SCHEMA_VERSION,
-            ts: &ts,
-            seq: self.seq,
-            event: record.event,
-            session: &record.session,
-            body: &record.body,
-        };
-        // Serialising plain structs into a Vec cannot fail.
-        if let Err(e) = serde_json::to_writer(&mut self.pending, &line) {
-            tracing::error!(error = %e, "audit record could not be serialised");
-        }
-        self.pending.push(b'\n');
-    }
-
-    /// Writes everything pending; on failure keeps it and retries until it
-    /// goes through, with the sink marked unhealthy meanwhile.
-    fn flush(&mut self) {
+    /// Writes a batch; on failure keeps it and retries until it goes
+    /// through, with the sink marked unhealthy meanwhile.
+    fn write(&mut self, batch: &[u8], healthy: &AtomicBool) {
         loop {
-            let result = self
-                .out
-                .write_all(&self.pending)
-                .and_then(|()| self.out.flush());
+            let result = self.out.write_all(batch).and_then(|()| self.out.flush());
             match result {
                 Ok(()) => {
-                    self.pending.clear();
-                    if !self.healthy.swap(true, Ordering::Relaxed) {
+                    if !healthy.swap(true, Ordering::Relaxed) {
                         tracing::warn!("audit sink writable again; statements are allowed again");
                     }
-                    self.last_flush = Instant::now();
                     return;
                 }
                 Err(e) => {
-                    if self.healthy.swap(false, Ordering::Relaxed) {
+                    if healthy.swap(false, Ordering::Relaxed) {
                         tracing::error!(error = %e, "audit write failed; denying statements until it recovers");
                     }
-                    // A partial write_all may have put part of the buffer out;
-                    // with no way to know how much, the whole buffer is
+                    // A partial write_all may have put part of the batch out;
+                    // with no way to know how much, the whole batch is
                     // retried, which can repeat a line but never loses one.
                     std::thread::sleep(RETRY_EVERY);
                 }
@@ -166,60 +227,47 @@ impl Writer {
     }
 }
 
-/// While records keep coming, the writer polls at this interval instead of
-/// being woken for each one: one wake-up and one write per batch.
-const BATCH_WINDOW: Duration = Duration::from_millis(5);
-
-fn run_writer(out: Box<dyn Write + Send>, mut rx: mpsc::Receiver<Msg>, healthy: Arc<AtomicBool>) {
-    let mut w = Writer {
-        out,
-        pending: Vec::with_capacity(64 * 1024),
-        seq: 0,
-        healthy,
-        last_flush: Instant::now(),
-    };
+fn run_writer(out: Box<dyn Write + Send>, inner: Arc<Inner>) {
+    let mut w = Writer { out };
+    let mut batch: Vec<u8> = Vec::with_capacity(64 * 1024);
     loop {
-        // Drain what is queued.
-        let mut received = false;
-        loop {
-            match rx.try_recv() {
-                Ok(Msg::Record(r)) => {
-                    received = true;
-                    w.append(&r);
-                    if w.pending.len() >= 256 * 1024 {
-                        w.flush();
-                    }
-                }
-                Ok(Msg::Flush(done)) => {
-                    w.flush();
-                    let _ = done.send(());
-                }
-                Err(mpsc::error::TryRecvError::Empty) => break,
-                Err(mpsc::error::TryRecvError::Disconnected) => {
-                    w.flush();
-                    return;
-                }
+        let flushes = {
+            let mut p = inner.pending.lock().unwrap_or_else(|p| p.into_inner());
+            if p.bytes.is_empty() && p.flushes.is_empty() {
+                // Idle: sleep until a session wakes us (or a while passes).
+                inner.writer_idle.store(true, Ordering::Release);
+                let (guard, _) = inner
+                    .wake
+                    .wait_timeout(p, FLUSH_EVERY)
+                    .unwrap_or_else(|e| e.into_inner());
+                p = guard;
+                inner.writer_idle.store(false, Ordering::Release);
             }
+            // Swap buffers: the sessions get back an empty one with the
+            // capacity of the last, so nothing is freed across threads.
+            std::mem::swap(&mut p.bytes, &mut batch);
+            std::mem::take(&mut p.flushes)
+        };
+        inner.room.notify_waiters();
+        let had = !batch.is_empty();
+        if had {
+            w.write(&batch, &inner.healthy);
+            batch.clear();
         }
-        if !w.pending.is_empty() && (!received || w.last_flush.elapsed() >= FLUSH_EVERY) {
-            // The stream went quiet, or a busy stream reached the interval.
-            w.flush();
+        for f in flushes {
+            let _ = f.send(());
         }
-        if received {
+        if had {
             std::thread::sleep(BATCH_WINDOW);
-            continue;
         }
-        // Idle: sleep until the next record.
-        match rx.blocking_recv() {
-            Some(Msg::Record(r)) => w.append(&r),
-            Some(Msg::Flush(done)) => {
-                w.flush();
-                let _ = done.send(());
-            }
-            None => {
-                w.flush();
-                return;
-            }
+        if Arc::strong_count(&inner) == 1 {
+            // Every sink is gone: write what is left and stop.
+            let mut p = inner.pending.lock().unwrap_or_else(|p| p.into_inner());
+            p.stopped = true;
+            let rest = std::mem::take(&mut p.bytes);
+            drop(p);
+            w.write(&rest, &inner.healthy);
+            return;
         }
     }
 }

@@ -99,6 +99,9 @@ pub struct Catalog {
     database: String,
     conn: tokio::sync::Mutex<Option<Upstream>>,
     state: RwLock<State>,
+    /// Changes whenever what the cache knows changes, so plans made from it
+    /// can be reused until then.
+    generation: std::sync::atomic::AtomicU64,
 }
 
 impl Catalog {
@@ -113,6 +116,16 @@ impl Catalog {
     /// Forget everything (the schema changed).
     pub fn invalidate(&self) {
         *self.write() = State::default();
+        self.bump();
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn bump(&self) {
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     }
 
     /// Makes sure the relations with these OIDs and names, their parents and
@@ -120,7 +133,7 @@ impl Catalog {
     pub async fn ensure(&self, oids: &[u32], names: &[&RelName]) -> Result<(), CatalogError> {
         let stale = self.read().filled.is_some_and(|t| t.elapsed() > MAX_AGE);
         if stale {
-            *self.write() = State::default();
+            self.invalidate();
         }
         let mut want_oids: Vec<u32> = oids.to_vec();
         let mut want_names: Vec<String> = names.iter().map(|n| n.name.clone()).collect();
@@ -143,6 +156,7 @@ impl Catalog {
             let mut next_names = Vec::new();
             let mut s = self.write();
             s.filled.get_or_insert_with(Instant::now);
+            self.bump();
             for n in &want_names {
                 s.asked.insert(n.clone());
             }
@@ -336,6 +350,7 @@ impl Catalogs {
                         database: database.to_owned(),
                         conn: tokio::sync::Mutex::new(None),
                         state: RwLock::new(State::default()),
+                        generation: Default::default(),
                     })
                 }),
         )

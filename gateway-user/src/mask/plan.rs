@@ -181,24 +181,29 @@ impl Resolver<'_> {
             .enumerate()
             .map(|(i, f)| {
                 let class = TypeClass::of(f.type_oid);
-                let (rule, label) = if f.table_oid != 0 {
-                    let label = self
-                        .catalog
-                        .and_then(|c| c.by_oid.get(&f.table_oid))
-                        .and_then(|r| r.column(f.attnum).map(|c| format!("{}.{c}", r.qualified())))
-                        .unwrap_or_else(|| f.name.clone());
-                    (self.column(f.table_oid, f.attnum, 0), label)
+                let rule = if f.table_oid != 0 {
+                    self.column(f.table_oid, f.attnum, 0)
                 } else {
-                    let rule = match positional {
+                    match positional {
                         Some(cols) => self.sources(&cols[i], 0),
                         None => computed_all.clone(),
-                    };
-                    (rule, f.name.clone())
+                    }
                 };
                 let action = match rule {
                     Some(r) => Action::Mask(r),
                     None if detect && class.scannable() => Action::Scan,
                     None => Action::Pass,
+                };
+                // Only columns that may be masked are ever counted.
+                let label = if matches!(action, Action::Pass) {
+                    String::new()
+                } else if f.table_oid != 0 {
+                    self.catalog
+                        .and_then(|c| c.by_oid.get(&f.table_oid))
+                        .and_then(|r| r.column(f.attnum).map(|c| format!("{}.{c}", r.qualified())))
+                        .unwrap_or_else(|| f.name.clone())
+                } else {
+                    f.name.clone()
                 };
                 ColumnPlan {
                     action,

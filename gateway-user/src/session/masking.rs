@@ -29,12 +29,28 @@ struct CopyRequest {
     table: Option<RelName>,
 }
 
+/// What a row plan was made from: the same key gives the same plan.
+#[derive(PartialEq, Eq, Hash)]
+struct PlanKey {
+    fields: Arc<Vec<Field>>,
+    /// The lineage's address (kept alive by the cached entry's key holder).
+    rows: usize,
+    set: usize,
+    generation: u64,
+}
+
+/// Plans of recent results: a driver sends the same statements over and
+/// over, and their plans only change with the catalog or the policy.
+const PLAN_CACHE_ENTRIES: usize = 256;
+
 #[derive(Default)]
 pub struct ResultMasker {
     pub catalog: Option<Arc<Catalog>>,
-    plan: Option<RowPlan>,
+    plan: Option<Arc<RowPlan>>,
     copy: Option<CopyMasker>,
     counts: Counts,
+    /// Each entry keeps the lineage and mask set its key points at alive.
+    plans: std::collections::HashMap<PlanKey, (Arc<RowPlan>, RowSource, Arc<MaskSet>)>,
 }
 
 impl ResultMasker {
@@ -94,8 +110,43 @@ impl ResultMasker {
         }
     }
 
-    /// Makes the plan, filling the catalog with what it needs first.
-    pub async fn prepare(&mut self, req: Request, set: &MaskSet) {
+    /// Makes the plan (or reuses one made from the same row shape, lineage,
+    /// rules and catalog), filling the catalog with what it needs first.
+    pub async fn prepare(&mut self, req: Request, set: &Arc<MaskSet>) {
+        let key = match (&req.fields, &req.copy) {
+            (Some(fields), None) => Some(PlanKey {
+                fields: Arc::clone(fields),
+                rows: match &req.rows {
+                    RowSource::Known(l) => Arc::as_ptr(l) as usize,
+                    RowSource::NoData => 1,
+                    RowSource::Unknown => 2,
+                },
+                set: Arc::as_ptr(set) as usize,
+                generation: self.catalog.as_ref().map_or(0, |c| c.generation()),
+            }),
+            _ => None,
+        };
+        if let Some(k) = &key {
+            if let Some((plan, _, _)) = self.plans.get(k) {
+                self.plan = Some(Arc::clone(plan));
+                return;
+            }
+        }
+        let rows = req.rows.clone();
+        self.make_plan(req, set).await;
+        if let (Some(mut k), Some(plan)) = (key, &self.plan) {
+            if self.plans.len() >= PLAN_CACHE_ENTRIES {
+                self.plans.clear();
+            }
+            // Filling the catalog may have moved its generation: the plan
+            // belongs to the state after the lookup.
+            k.generation = self.catalog.as_ref().map_or(0, |c| c.generation());
+            self.plans
+                .insert(k, (Arc::clone(plan), rows, Arc::clone(set)));
+        }
+    }
+
+    async fn make_plan(&mut self, req: Request, set: &MaskSet) {
         if set.has_column_rules() {
             if let Some(cat) = &self.catalog {
                 let oids: Vec<u32> = req
@@ -133,11 +184,11 @@ impl ResultMasker {
                 self.copy = Some(CopyMasker::new(copy.format, plan));
             }
             None => {
-                self.plan = Some(match &req.fields {
+                self.plan = Some(Arc::new(match &req.fields {
                     Some(f) => resolver.plan(f, &req.rows),
                     // No row shape known: every value is treated as protected.
                     None => blind_plan(set),
-                });
+                }));
             }
         }
     }
@@ -146,7 +197,7 @@ impl ResultMasker {
     pub fn rewrite(&mut self, set: &MaskSet, frame: &Frame) -> Result<Option<Frame>, DecodeError> {
         match frame.tag() {
             rows::DATA_ROW => {
-                let Some(plan) = &mut self.plan else {
+                let Some(plan) = &self.plan else {
                     return Ok(None);
                 };
                 if plan.is_noop() {

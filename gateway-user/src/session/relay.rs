@@ -350,13 +350,19 @@ impl Relay {
                     return Ok(Some(self.deny_extended(pending, &decision, done)));
                 }
                 let rows = state.rows_of_prepared(&p.prepared);
-                let mut pending = pending_for(&p.prepared, &p.prepared.decision, rows);
+                let prepared = Arc::clone(&p.prepared);
+                let formats = p.formats.clone();
+                // A cursor declared or closed in the extended protocol.
+                if let Some(facts) = prepared.analysis.statements.get(prepared.index) {
+                    state.apply_cursor_effect(facts);
+                }
+                let mut pending = pending_for(&prepared, &prepared.decision, rows);
                 pending.portal = Some(exec.portal.to_owned());
-                pending.formats = p.formats.clone();
+                pending.formats = formats;
                 // Masking needs the row shape; a client that never described
                 // this portal or its statement gets one asked for it.
                 let portal = Described::Portal(exec.portal.to_owned());
-                let statement = Described::Statement(p.prepared.name.clone());
+                let statement = Described::Statement(prepared.name.clone());
                 if !state.judge.mask.is_empty()
                     && !state.described.contains(&portal)
                     && !state.described.contains(&statement)
@@ -689,23 +695,27 @@ impl FrontendState {
             .iter()
             .map(|facts| {
                 let rows = self.rows_of(facts);
-                match &facts.output.cursor {
-                    Some(CursorEffect::Declare(name)) => {
-                        let declared = match &facts.output.lineage {
-                            Some(l) => RowSource::Known(Arc::clone(l)),
-                            None => RowSource::Unknown,
-                        };
-                        self.cursors.insert(name.clone(), declared);
-                    }
-                    Some(CursorEffect::Close(name)) => {
-                        self.cursors.remove(name);
-                    }
-                    Some(CursorEffect::CloseAll) => self.cursors.clear(),
-                    None => {}
-                }
+                self.apply_cursor_effect(facts);
                 rows
             })
             .collect()
+    }
+
+    fn apply_cursor_effect(&mut self, facts: &StatementFacts) {
+        match &facts.output.cursor {
+            Some(CursorEffect::Declare(name)) => {
+                let declared = match &facts.output.lineage {
+                    Some(l) => RowSource::Known(Arc::clone(l)),
+                    None => RowSource::Unknown,
+                };
+                self.cursors.insert(name.clone(), declared);
+            }
+            Some(CursorEffect::Close(name)) => {
+                self.cursors.remove(name);
+            }
+            Some(CursorEffect::CloseAll) => self.cursors.clear(),
+            None => {}
+        }
     }
 
     fn rows_of(&self, facts: &StatementFacts) -> RowSource {

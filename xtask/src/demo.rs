@@ -16,6 +16,10 @@ use crate::{cargo, exec};
 const AGENT_SCRIPT: &[(&str, &str)] = &[
     ("read the customer list", "SELECT id, name, tier FROM customers ORDER BY id"),
     (
+        "read protected columns (masked by provenance, even through an expression)",
+        "SELECT name, email, upper(ssn) AS ssn, card FROM customers ORDER BY id",
+    ),
+    (
         "join and aggregate",
         "SELECT c.name, sum(o.amount) AS spent FROM customers c JOIN orders o ON o.customer_id = c.id GROUP BY c.name ORDER BY 2 DESC",
     ),

@@ -227,3 +227,45 @@ async fn computed_deny_refuses_before_the_statement_runs() {
         .iter()
         .all(|r| r["decision"]["controls"][0] == "AC-3"));
 }
+
+/// A client that never describes anything (Parse, Bind, Execute, Sync):
+/// the gateway asks for the row shape itself, masks the rows, and the
+/// client sees exactly the messages it asked for.
+#[test]
+fn execute_without_any_describe_is_masked_and_unchanged_in_shape() {
+    use agentgate_tests::raw::{self, RawConn};
+    let (_db, gw, _dir) = setup();
+    let mut c = RawConn::connect(gw.port, "agent");
+    for round in 0..3 {
+        let mut m = Vec::new();
+        if round == 0 {
+            m.extend(raw::parse(
+                "s",
+                "SELECT id, email, upper(card) FROM customers ORDER BY id",
+            ));
+        }
+        for format in [None, Some(1)] {
+            m.extend(raw::bind_with_results("", "s", &[], format));
+            m.extend(raw::execute("", 0));
+        }
+        m.extend(raw::sync());
+        c.send(&m);
+        let msgs = c.until_ready();
+        let tags: Vec<u8> = msgs.iter().map(|(t, _)| *t).collect();
+        assert!(!tags.contains(&b'T') && !tags.contains(&b'n'), "{tags:?}");
+        assert!(!tags.contains(&b'E'), "{msgs:?}");
+        let rows: Vec<&Vec<u8>> = msgs
+            .iter()
+            .filter(|(t, _)| *t == b'D')
+            .map(|(_, b)| b)
+            .collect();
+        assert_eq!(rows.len(), 8);
+        let all: Vec<u8> = rows.iter().flat_map(|r| r.iter().copied()).collect();
+        let text = String::from_utf8_lossy(&all);
+        assert!(
+            !text.contains("example.org") && !text.contains("4111"),
+            "{text}"
+        );
+        assert!(text.contains("@example.invalid"), "{text}");
+    }
+}

@@ -37,6 +37,9 @@ pub struct BenchArgs {
     /// Idle client connections for the memory figure.
     #[arg(long, default_value_t = 1000)]
     idle: usize,
+    /// Run only the workloads whose name contains this text (for profiling).
+    #[arg(long)]
+    only: Option<String>,
 }
 
 /// One proxy (or none) between pgbench and the database.
@@ -402,7 +405,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let logdir = w.join("pgbench-logs");
     std::fs::create_dir_all(&logdir)?;
     let mut runs: Vec<Run> = Vec::new();
-    for wl in &workloads {
+    let selected = |name: &str| args.only.as_deref().is_none_or(|o| name.contains(o));
+    for wl in workloads.iter().filter(|w| selected(w.name)) {
         for round in 0..args.rounds {
             let mut direct_rate = None;
             for c in configs.iter().filter(|c| c.name != "agentgate+2 masked") {
@@ -449,6 +453,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         ("1M-row SELECT", "SELECT a, b, c, d FROM bulk", false),
         ("1M-row COPY TO STDOUT", "COPY bulk TO STDOUT", true),
     ] {
+        if !selected(name) {
+            continue;
+        }
         for round in 0..args.rounds {
             let mut direct_rate = None;
             for c in configs.iter().filter(|c| c.name != "agentgate+default") {

@@ -281,8 +281,14 @@ fn names(list: Option<&Value>) -> Vec<String> {
 /// A relation in scope and what its columns carry.
 #[derive(Debug, Clone)]
 enum Item {
-    /// A table or view: its columns are its own.
-    Relation { alias: String, rel: RelName },
+    /// A table or view: its columns are its own. `renamed`: column names
+    /// an alias gave (`customers AS t(i, n, e)`), which stand for columns
+    /// only the catalog can name, so each counts as the whole row.
+    Relation {
+        alias: String,
+        rel: RelName,
+        renamed: Vec<String>,
+    },
     /// A sub-select, CTE, function or VALUES: columns carry what they were
     /// made of.
     Derived {
@@ -311,6 +317,9 @@ impl Item {
     /// What column `col` of this item carries, if it may have one so named.
     fn column(&self, col: &str) -> Option<Sources> {
         match self {
+            Item::Relation { rel, renamed, .. } if renamed.iter().any(|r| r == col) => {
+                Some(BTreeSet::from([Source::Row(rel.clone())]))
+            }
             Item::Relation { rel, .. } => Some(BTreeSet::from([Source::Column(
                 rel.clone(),
                 col.to_owned(),
@@ -359,6 +368,7 @@ fn statement(name: &str, m: &Map<String, Value>, env: &Env, outer: &[&Scope]) ->
                 scope.push(Item::Relation {
                     alias: alias_of(r).unwrap_or_else(|| rel.name.clone()),
                     rel,
+                    renamed: Vec::new(),
                 });
             }
             for key in ["from_clause", "using_clause"] {
@@ -678,7 +688,11 @@ fn from_item(v: &Value, env: &Env, outer: &[&Scope], scope: &mut Scope) {
                     return;
                 }
             }
-            scope.push(Item::Relation { alias, rel });
+            scope.push(Item::Relation {
+                alias,
+                rel,
+                renamed: alias_columns(m),
+            });
         }
         "RangeSubselect" => {
             // LATERAL sub-selects see the items before them.
@@ -954,6 +968,14 @@ mod tests {
                 .unwrap();
         assert!(l.computed.contains(&col("customers", "card")));
         assert!(!l.computed.contains(&col("customers", "phone")));
+    }
+
+    #[test]
+    fn renamed_columns_count_as_the_whole_row() {
+        let c = columns("SELECT upper(e) FROM customers AS t(i, n, e)");
+        assert_eq!(c[0], BTreeSet::from([row("customers")]));
+        let c = columns("SELECT upper(tier) FROM customers AS t(i, n, e)");
+        assert_eq!(c[0], BTreeSet::from([col("customers", "tier")]));
     }
 
     #[test]

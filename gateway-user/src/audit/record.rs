@@ -44,9 +44,24 @@ pub struct SessionInfo {
     pub actor: Actor,
     pub source: Source,
     pub target: Target,
+    /// These fields as serialised once, for every record of the session.
+    #[serde(skip)]
+    pub json: std::sync::OnceLock<String>,
 }
 
 impl SessionInfo {
+    /// The session's fields as JSON object members (no braces), made once.
+    pub fn members(&self) -> &str {
+        self.json.get_or_init(|| {
+            let whole = serde_json::to_string(self).unwrap_or_else(|_| "{}".into());
+            whole
+                .strip_prefix('{')
+                .and_then(|w| w.strip_suffix('}'))
+                .unwrap_or("")
+                .to_owned()
+        })
+    }
+
     /// The gateway itself, for records no client session caused.
     pub fn process(upstream: &str) -> Self {
         Self {
@@ -68,6 +83,7 @@ impl SessionInfo {
                 user: String::new(),
                 backend_pid: None,
             },
+            json: Default::default(),
         }
     }
 }
@@ -219,19 +235,6 @@ impl Record {
     }
 }
 
-/// Serialised shape of a line: fixed fields first, then the event's own.
-#[derive(Serialize)]
-pub(super) struct Line<'a> {
-    pub v: u32,
-    pub ts: &'a str,
-    pub seq: u64,
-    pub event: &'a str,
-    #[serde(flatten)]
-    pub session: &'a SessionInfo,
-    #[serde(flatten)]
-    pub body: &'a RecordBody,
-}
-
 const RFC3339_MICROS: &[time::format_description::BorrowedFormatItem<'static>] = time::macros::format_description!(
     "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z"
 );
@@ -239,6 +242,35 @@ const RFC3339_MICROS: &[time::format_description::BorrowedFormatItem<'static>] =
 /// The current time in RFC 3339, UTC, with microseconds.
 pub fn now_rfc3339() -> String {
     rfc3339(time::OffsetDateTime::now_utc())
+}
+
+/// Appends a time in RFC 3339, UTC, with microseconds (the audit's `ts`),
+/// digit by digit: it runs once per record.
+pub fn push_rfc3339(out: &mut Vec<u8>, t: time::OffsetDateTime) {
+    let t = t.to_offset(time::UtcOffset::UTC);
+    fn digits(out: &mut Vec<u8>, v: u32, n: usize) {
+        let mut buf = [b'0'; 10];
+        let mut v = v;
+        for i in (0..n).rev() {
+            buf[i] = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
+        out.extend_from_slice(&buf[..n]);
+    }
+    digits(out, t.year().clamp(0, 9999) as u32, 4);
+    out.push(b'-');
+    digits(out, u32::from(u8::from(t.month())), 2);
+    out.push(b'-');
+    digits(out, u32::from(t.day()), 2);
+    out.push(b'T');
+    digits(out, u32::from(t.hour()), 2);
+    out.push(b':');
+    digits(out, u32::from(t.minute()), 2);
+    out.push(b':');
+    digits(out, u32::from(t.second()), 2);
+    out.push(b'.');
+    digits(out, t.microsecond(), 6);
+    out.push(b'Z');
 }
 
 /// A time in RFC 3339, UTC, with microseconds.

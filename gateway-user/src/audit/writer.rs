@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio::sync::{oneshot, Notify};
 
-use super::record::{Line, Record};
+use super::record::Record;
 use super::SCHEMA_VERSION;
 
 /// Where audit lines go.
@@ -174,24 +174,37 @@ impl AuditSink {
     }
 }
 
-/// Serialises one numbered line onto `out`.
+/// Serialises one numbered line onto `out`: the fixed fields, the
+/// session's members (serialised once per session), then the event's own.
 fn append(out: &mut Vec<u8>, seq: u64, record: &Record) {
-    let ts = super::record::rfc3339(record.ts);
-    let line = Line {
-        v: SCHEMA_VERSION,
-        ts: &ts,
-        seq,
-        event: record.event,
-        session: &record.session,
-        body: &record.body,
-    };
+    use std::io::Write as _;
     let start = out.len();
+    let _ = write!(out, "{{\"v\":{SCHEMA_VERSION},\"ts\":\"");
+    super::record::push_rfc3339(out, record.ts);
+    let _ = write!(out, "\",\"seq\":{seq},\"event\":");
+    if serde_json::to_writer(&mut *out, record.event).is_err() {
+        out.truncate(start);
+        return;
+    }
+    let members = record.session.members();
+    if !members.is_empty() {
+        out.push(b',');
+        out.extend_from_slice(members.as_bytes());
+    }
+    let body = out.len();
     // Serialising plain structs into a Vec cannot fail; if it somehow did,
     // the partial line is removed so the stream stays one object per line.
-    if let Err(e) = serde_json::to_writer(&mut *out, &line) {
+    if let Err(e) = serde_json::to_writer(&mut *out, &record.body) {
         out.truncate(start);
         tracing::error!(error = %e, "audit record could not be serialised");
         return;
+    }
+    // The body is an object: its members join the line's.
+    if out.len() - body <= 2 {
+        out.truncate(body);
+        out.push(b'}');
+    } else {
+        out[body] = b',';
     }
     out.push(b'\n');
 }
@@ -269,5 +282,46 @@ fn run_writer(out: Box<dyn Write + Send>, inner: Arc<Inner>) {
             w.write(&rest, &inner.healthy);
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::{RecordBody, SessionInfo};
+
+    fn line(body: RecordBody) -> serde_json::Value {
+        let r = Record::new(
+            "session.end",
+            Arc::new(SessionInfo::process("db:5432")),
+            body,
+        );
+        let mut out = Vec::new();
+        append(&mut out, 7, &r);
+        assert_eq!(out.last(), Some(&b'\n'));
+        assert_eq!(out.iter().filter(|b| **b == b'\n').count(), 1);
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        // The hand-written timestamp agrees with the `time` crate's format.
+        assert_eq!(v["ts"], super::super::record::rfc3339(r.ts));
+        v
+    }
+
+    #[test]
+    fn lines_are_one_object_with_fixed_session_and_event_fields() {
+        let v = line(RecordBody::SessionEnd {
+            statements: 3,
+            duration_us: 10,
+            reason: "client said \"bye\"\n".into(),
+        });
+        assert_eq!(v["v"], SCHEMA_VERSION);
+        assert_eq!(v["seq"], 7);
+        assert_eq!(v["event"], "session.end");
+        assert_eq!(v["session"], "process");
+        assert_eq!(v["target"]["addr"], "db:5432");
+        assert_eq!(v["statements"], 3);
+        assert_eq!(v["reason"], "client said \"bye\"\n");
+        let empty = line(RecordBody::Empty {});
+        assert_eq!(empty["event"], "session.end");
+        assert!(empty.get("statements").is_none());
     }
 }

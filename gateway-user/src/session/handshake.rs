@@ -110,6 +110,7 @@ pub async fn handle(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
             user: shared.upstream.user.clone(),
             backend_pid: None,
         },
+        json: Default::default(),
     };
 
     if let Some(refusal) = refuse(&startup) {

@@ -534,6 +534,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
         svg_path.display()
     );
     drop((bouncer, gw_all, gw_def, gw_mask));
+    if args.only.is_none() {
+        // The hot parts on their own (criterion): frame splitting, analysis,
+        // the policy decision, masking a DataRow.
+        exec(cargo().args(["bench", "-p", "gateway-user", "--bench", "hot_paths"]))?;
+    }
     Ok(())
 }
 

@@ -85,6 +85,36 @@ fn value_matches(expected: &serde_json::Value, got: &Option<Vec<u8>>, binary: bo
     }
 }
 
+/// Checks the rows a case pins (`rows`, `count`) against the DataRows received.
+fn check_rows(case: &Case, msgs: &[raw::Msg], failures: &mut Vec<String>) {
+    let binary = case.protocol == "binary";
+    let rows: Vec<_> = msgs
+        .iter()
+        .filter(|(t, _)| *t == b'D')
+        .map(|(_, b)| row_values(b, binary))
+        .collect();
+    if let Some(want) = &case.rows {
+        let same = want.len() == rows.len()
+            && want.iter().zip(&rows).all(|(w, g)| {
+                w.len() == g.len()
+                    && w.iter()
+                        .zip(g)
+                        .all(|(wv, gv)| value_matches(wv, gv, binary))
+            });
+        if !same {
+            failures.push(format!(
+                "{}: rows differ: want {want:?}, got {rows:?}",
+                case.id
+            ));
+        }
+    }
+    if let Some(n) = case.count {
+        if rows.len() != n {
+            failures.push(format!("{}: want {n} rows, got {}", case.id, rows.len()));
+        }
+    }
+}
+
 fn errors(msgs: &[raw::Msg]) -> Vec<(String, String)> {
     msgs.iter()
         .filter(|(t, _)| *t == b'E')
@@ -147,32 +177,7 @@ fn blocking_corpus_gives_every_verdict() {
                     failures.push(format!("{}: expected allow, got {errs:?}", case.id));
                     continue;
                 }
-                let binary = case.protocol == "binary";
-                let rows: Vec<_> = msgs
-                    .iter()
-                    .filter(|(t, _)| *t == b'D')
-                    .map(|(_, b)| row_values(b, binary))
-                    .collect();
-                if let Some(want) = &case.rows {
-                    let same = want.len() == rows.len()
-                        && want.iter().zip(&rows).all(|(w, g)| {
-                            w.len() == g.len()
-                                && w.iter()
-                                    .zip(g)
-                                    .all(|(wv, gv)| value_matches(wv, gv, binary))
-                        });
-                    if !same {
-                        failures.push(format!(
-                            "{}: rows differ: want {want:?}, got {rows:?}",
-                            case.id
-                        ));
-                    }
-                }
-                if let Some(n) = case.count {
-                    if rows.len() != n {
-                        failures.push(format!("{}: want {n} rows, got {}", case.id, rows.len()));
-                    }
-                }
+                check_rows(&case, &msgs, &mut failures);
             }
             other => failures.push(format!("{}: unknown verdict {other}", case.id)),
         }
@@ -348,37 +353,12 @@ fn check_masking(cases: &[Case], extra_fixtures: &[&str], policy: &str) -> (Gate
             failures.push(format!("{}: leaked {value:?} as {form:?}", case.id));
         }
         let errs = errors(&msgs);
-        let binary = case.protocol == "binary";
-        let rows: Vec<_> = msgs
-            .iter()
-            .filter(|(t, _)| *t == b'D')
-            .map(|(_, b)| row_values(b, binary))
-            .collect();
         if case.rows.is_some() || case.count.is_some() {
             if !errs.is_empty() {
                 failures.push(format!("{}: expected rows, got {errs:?}", case.id));
                 continue;
             }
-            if let Some(n) = case.count {
-                if rows.len() != n {
-                    failures.push(format!("{}: want {n} rows, got {}", case.id, rows.len()));
-                }
-            }
-            if let Some(want) = &case.rows {
-                let same = want.len() == rows.len()
-                    && want.iter().zip(&rows).all(|(w, g)| {
-                        w.len() == g.len()
-                            && w.iter()
-                                .zip(g)
-                                .all(|(wv, gv)| value_matches(wv, gv, binary))
-                    });
-                if !same {
-                    failures.push(format!(
-                        "{}: rows differ: want {want:?}, got {rows:?}",
-                        case.id
-                    ));
-                }
-            }
+            check_rows(case, &msgs, &mut failures);
         }
     }
     assert!(

@@ -6,17 +6,10 @@ use agentgate_tests::cluster::{GW_MD5_PASSWORD, GW_MD5_USER, SUPERUSER};
 use agentgate_tests::{Cluster, Gateway};
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt, TryStreamExt};
-use tokio_postgres::{AsyncMessage, Client, NoTls};
+use tokio_postgres::{AsyncMessage, NoTls};
 
-async fn connect(dsn: &str) -> Client {
-    let (client, conn) = tokio_postgres::connect(dsn, NoTls)
-        .await
-        .unwrap_or_else(|e| panic!("connect {dsn}: {e}"));
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    client
-}
+mod common;
+use common::connect;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn typed_queries_prepared_statements_and_transactions() {

@@ -5,17 +5,9 @@
 
 use agentgate_tests::cluster::GW_USER;
 use agentgate_tests::{Cluster, Gateway};
-use tokio_postgres::{Client, NoTls};
 
-async fn connect(dsn: &str) -> Client {
-    let (client, conn) = tokio_postgres::connect(dsn, NoTls)
-        .await
-        .unwrap_or_else(|e| panic!("connect {dsn}: {e}"));
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    client
-}
+mod common;
+use common::connect;
 
 const POLICY: &str = r#"
 policy: masking-test

@@ -35,14 +35,9 @@ pub struct ErrorFields {
 }
 
 pub fn decode_error_fields(tag: u8, body: &[u8]) -> Result<ErrorFields, DecodeError> {
-    let mut c = Cursor::new(tag, body);
     let mut f = ErrorFields::default();
-    loop {
-        let kind = c.u8()?;
-        if kind == 0 {
-            break;
-        }
-        let value = String::from_utf8_lossy(c.cstr_bytes()?).into_owned();
+    for (kind, value) in super::rows::decode_notice_fields(tag, body)? {
+        let value = String::from_utf8_lossy(&value).into_owned();
         match kind {
             b'V' => f.severity = value,
             b'S' if f.severity.is_empty() => f.severity = value,
@@ -51,7 +46,6 @@ pub fn decode_error_fields(tag: u8, body: &[u8]) -> Result<ErrorFields, DecodeEr
             _ => {}
         }
     }
-    c.finish()?;
     Ok(f)
 }
 

@@ -82,4 +82,39 @@ mod tests {
         assert!(!Arc::ptr_eq(&on, &off));
         assert_ne!(on.statements[0].features, off.statements[0].features);
     }
+
+    /// Pairs of statements the corpus policy judges differently: through the
+    /// cache, each keeps its own verdict, in either order.
+    #[test]
+    fn the_cache_never_merges_statements_judged_differently() {
+        let text = include_str!("../../../policies/corpus.yaml");
+        let policy = crate::policy::compile(&[("corpus.yaml".into(), text.to_owned())]).unwrap();
+        let pairs = [
+            (
+                "SELECT set_config('role', 'postgres', false)",
+                "SELECT set_config('application_name', 'postgres', false)",
+            ),
+            ("COPY orders TO '/tmp/orders'", "COPY orders TO STDOUT"),
+            (
+                "EXPLAIN (ANALYZE 1) DELETE FROM orders",
+                "EXPLAIN (ANALYZE 0) DELETE FROM orders",
+            ),
+            (
+                "EXPLAIN (ANALYZE 7, VERBOSE 0) UPDATE orders SET note = 'x'",
+                "EXPLAIN (ANALYZE 0, VERBOSE 7) UPDATE orders SET note = 'x'",
+            ),
+            ("SELECT pg_read_file('x', 0, 10)", "SELECT upper('x')"),
+        ];
+        for (a, b) in pairs {
+            for order in [[a, b], [b, a]] {
+                let c = AnalysisCache::new(100);
+                let first = crate::policy::decide(Some(&policy), &[0], &c.analyze(order[0]));
+                let second = crate::policy::decide(Some(&policy), &[0], &c.analyze(order[1]));
+                let alone = |sql| crate::policy::decide(Some(&policy), &[0], &analyze(sql));
+                assert_eq!(first.action, alone(order[0]).action, "{}", order[0]);
+                assert_eq!(second.action, alone(order[1]).action, "{}", order[1]);
+                assert_ne!(first.action, second.action, "{a} / {b}");
+            }
+        }
+    }
 }

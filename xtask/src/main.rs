@@ -187,11 +187,12 @@ fn test(fuzz_seconds: Option<u64>) -> Result<()> {
     let fuzz = fuzz_seconds.unwrap_or(if ci { 60 } else { 0 });
     if fuzz > 0 {
         setup::fuzz_tools()?;
-        for target in ["frames", "frontend_messages"] {
+        let targets = ["frames", "frontend_messages", "masking"];
+        for target in targets {
             exec(
                 Command::new("cargo")
                     .args(["+nightly", "fuzz", "run", target, "--"])
-                    .arg(format!("-max_total_time={}", fuzz / 2))
+                    .arg(format!("-max_total_time={}", fuzz / targets.len() as u64))
                     .current_dir(root().join("fuzz")),
             )?;
         }

@@ -8,7 +8,7 @@ mod cache;
 mod facts;
 mod kind;
 pub mod lineage;
-mod shape;
+pub mod shape;
 
 use pg_query::{protobuf, NodeEnum};
 use serde::Serialize;

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio::sync::{oneshot, Notify};
 
-use super::record::Record;
+use super::record::{DecisionRecord, Outcome, Record, RecordBody, StatementRecord};
 use super::SCHEMA_VERSION;
 
 /// Where audit lines go.
@@ -191,6 +191,22 @@ fn append(out: &mut Vec<u8>, seq: u64, record: &Record) {
         out.push(b',');
         out.extend_from_slice(members.as_bytes());
     }
+    if let RecordBody::Statement {
+        statement,
+        decision,
+        outcome,
+    } = &record.body
+    {
+        // The common record: the statement's audited facts were serialised
+        // once, when first audited.
+        if statement_members(out, statement, decision, outcome).is_err() {
+            out.truncate(start);
+            tracing::error!("audit record could not be serialised");
+            return;
+        }
+        out.extend_from_slice(b"}\n");
+        return;
+    }
     let body = out.len();
     // Serialising plain structs into a Vec cannot fail; if it somehow did,
     // the partial line is removed so the stream stays one object per line.
@@ -207,6 +223,37 @@ fn append(out: &mut Vec<u8>, seq: u64, record: &Record) {
         out[body] = b',';
     }
     out.push(b'\n');
+}
+
+/// `,"statement":{...},"decision":{...},"outcome":{...}`, the same members
+/// `StatementRecord`'s own serialisation gives.
+fn statement_members(
+    out: &mut Vec<u8>,
+    statement: &StatementRecord,
+    decision: &DecisionRecord,
+    outcome: &Outcome,
+) -> serde_json::Result<()> {
+    use std::io::Write as _;
+    out.extend_from_slice(b",\"statement\":{\"protocol\":");
+    serde_json::to_writer(&mut *out, statement.protocol)?;
+    match statement.analysis.statements.get(statement.index) {
+        Some(f) => {
+            out.push(b',');
+            out.extend_from_slice(f.audit_members().as_bytes());
+        }
+        None => out.extend_from_slice(
+            b",\"text\":null,\"fingerprint\":null,\"kinds\":[],\"objects\":[],\"functions\":[]",
+        ),
+    }
+    let _ = write!(out, ",\"bytes\":{}", statement.bytes);
+    if let Some(p) = &statement.prepared {
+        out.extend_from_slice(b",\"prepared\":");
+        serde_json::to_writer(&mut *out, p)?;
+    }
+    out.extend_from_slice(b"},\"decision\":");
+    serde_json::to_writer(&mut *out, decision)?;
+    out.extend_from_slice(b",\"outcome\":");
+    serde_json::to_writer(&mut *out, outcome)
 }
 
 struct Writer {
@@ -288,7 +335,7 @@ fn run_writer(out: Box<dyn Write + Send>, inner: Arc<Inner>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::audit::{RecordBody, SessionInfo};
+    use crate::audit::SessionInfo;
 
     fn line(body: RecordBody) -> serde_json::Value {
         let r = Record::new(
@@ -304,6 +351,36 @@ mod tests {
         // The hand-written timestamp agrees with the `time` crate's format.
         assert_eq!(v["ts"], super::super::record::rfc3339(r.ts));
         v
+    }
+
+    #[test]
+    fn statement_lines_match_the_generic_serialisation() {
+        let analysis = Arc::new(crate::sql::analyze(
+            "SELECT name, upper(email) FROM public.customers WHERE id = 42; SELECT 'a\"b'",
+        ));
+        let decision = crate::policy::Decision::unparseable();
+        for (index, prepared) in [(0, None), (1, Some("p\"1".to_owned())), (5, None)] {
+            let body = RecordBody::Statement {
+                statement: StatementRecord {
+                    protocol: "simple",
+                    analysis: Arc::clone(&analysis),
+                    index,
+                    bytes: 77,
+                    prepared,
+                },
+                decision: DecisionRecord(decision.clone()),
+                outcome: Outcome {
+                    status: "ok",
+                    rows: Some(1),
+                    ..Outcome::default()
+                },
+            };
+            let generic = serde_json::to_value(&body).unwrap();
+            let v = line(body);
+            for key in ["statement", "decision", "outcome"] {
+                assert_eq!(v[key], generic[key], "{key} of statement {index}");
+            }
+        }
     }
 
     #[test]

@@ -54,6 +54,38 @@ pub struct StatementFacts {
     /// Which source columns flow into the rows it returns (for masking).
     #[serde(skip)]
     pub output: lineage::Output,
+    /// The audited fields (text, fingerprint, kinds, objects, functions) as
+    /// JSON object members, serialised once however often it runs.
+    #[serde(skip)]
+    pub audit_json: std::sync::OnceLock<String>,
+}
+
+impl StatementFacts {
+    pub fn audit_members(&self) -> &str {
+        self.audit_json.get_or_init(|| {
+            #[derive(Serialize)]
+            struct Audited<'a> {
+                text: &'a str,
+                fingerprint: &'a str,
+                kinds: &'a [&'static str],
+                objects: &'a [ObjectRef],
+                functions: &'a [String],
+            }
+            let whole = serde_json::to_string(&Audited {
+                text: &self.text,
+                fingerprint: &self.fingerprint,
+                kinds: &self.kinds,
+                objects: &self.objects,
+                functions: &self.functions,
+            })
+            .unwrap_or_else(|_| "{}".into());
+            whole
+                .strip_prefix('{')
+                .and_then(|w| w.strip_suffix('}'))
+                .unwrap_or("")
+                .to_owned()
+        })
+    }
 }
 
 /// SQL-level PREPARE and DEALLOCATE create and drop the same prepared
@@ -168,6 +200,7 @@ fn statement_facts(
             features: facts.features.into_iter().collect(),
             prepared_effect: prepared_effect(top),
             output,
+            audit_json: Default::default(),
         },
         numbers_matter,
     ))

@@ -50,7 +50,11 @@ pub struct ResultMasker {
     copy: Option<CopyMasker>,
     counts: Counts,
     /// Each entry keeps the lineage and mask set its key points at alive.
-    plans: std::collections::HashMap<PlanKey, (Arc<RowPlan>, RowSource, Arc<MaskSet>)>,
+    plans: std::collections::HashMap<
+        PlanKey,
+        (Arc<RowPlan>, RowSource, Arc<MaskSet>),
+        foldhash::fast::RandomState,
+    >,
 }
 
 impl ResultMasker {

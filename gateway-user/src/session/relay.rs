@@ -1,7 +1,11 @@
 //! The relay loop of a logged-in session: client messages are judged and
 //! forwarded, backend messages are accounted for and passed back.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+
+/// Per-session maps keyed by names the client chooses, looked up on every
+/// message: a fast hasher (each session's maps are its own).
+type Fast = foldhash::fast::RandomState;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -178,10 +182,10 @@ impl Relay {
         let splitter = FrameSplitter::new(self.shared.max_frame_bytes);
         let mut state = FrontendState {
             judge: Judge::new(who),
-            statements: HashMap::new(),
-            portals: HashMap::new(),
-            cursors: HashMap::new(),
-            described: std::collections::HashSet::new(),
+            statements: HashMap::default(),
+            portals: HashMap::default(),
+            cursors: HashMap::default(),
+            described: HashSet::default(),
             inject: None,
         };
         let mut out = Outbox::default();
@@ -604,13 +608,13 @@ fn ends_result(tag: u8) -> bool {
 
 struct FrontendState {
     judge: Judge,
-    statements: HashMap<String, Arc<Prepared>>,
-    portals: HashMap<String, Portal>,
+    statements: HashMap<String, Arc<Prepared>, Fast>,
+    portals: HashMap<String, Portal, Fast>,
     /// What each cursor declared through the gateway returns.
-    cursors: HashMap<String, RowSource>,
+    cursors: HashMap<String, RowSource, Fast>,
     /// Statements and portals the client has described since they were
     /// (re)defined.
-    described: std::collections::HashSet<Described>,
+    described: HashSet<Described, Fast>,
     /// A message the gateway sends upstream before the one being judged.
     inject: Option<Frame>,
 }
@@ -631,7 +635,7 @@ struct Judge {
     identities: Vec<usize>,
     /// Keyed by the analysis' address; the entry holds the analysis so the
     /// address cannot be reused while it is a key.
-    cache: HashMap<usize, (Arc<Analysis>, Decision)>,
+    cache: HashMap<usize, (Arc<Analysis>, Decision), Fast>,
     mask: Arc<MaskSet>,
 }
 
@@ -644,7 +648,7 @@ impl Judge {
             version: 0,
             policy: None,
             identities: Vec::new(),
-            cache: HashMap::new(),
+            cache: HashMap::default(),
             mask: Arc::new(MaskSet::default()),
         }
     }

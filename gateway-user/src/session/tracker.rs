@@ -111,7 +111,7 @@ pub struct Tracker {
     discarding: bool,
     /// Row shapes learnt from Describe, so that an Execute without its own
     /// Describe can still be masked.
-    descriptions: HashMap<Described, std::sync::Arc<Vec<Field>>>,
+    descriptions: HashMap<Described, std::sync::Arc<Vec<Field>>, foldhash::fast::RandomState>,
     /// The row shape of the result being sent now.
     current: Option<std::sync::Arc<Vec<Field>>>,
     /// Whether row shapes are needed (the session masks something); when

@@ -12,52 +12,70 @@ use super::{analyze, shape::shape, Analysis};
 /// change a decision (`set_config('role', ...)`); a number only can where
 /// it is an option's value, and such analyses are not shared.
 pub struct AnalysisCache {
-    entries: Mutex<HashMap<Arc<str>, Arc<Analysis>>>,
+    entries: Mutex<Maps>,
     capacity: usize,
+}
+
+/// Keys are the client's text, hashed on every statement: a fast hasher
+/// (foldhash) rather than SipHash, since the gateway's own bounded cache
+/// is cleared when full and cannot be flooded into slowness.
+type Map = HashMap<Arc<str>, Arc<Analysis>, foldhash::fast::RandomState>;
+
+#[derive(Default)]
+struct Maps {
+    /// By exact text: texts without numbers, and analyses not shareable.
+    exact: Map,
+    /// By shape (numbers replaced), for shareable analyses.
+    shapes: Map,
 }
 
 impl AnalysisCache {
     pub fn new(capacity: usize) -> Self {
         Self {
-            entries: Mutex::new(HashMap::new()),
+            entries: Mutex::new(Maps::default()),
             capacity,
         }
     }
 
     pub fn analyze(&self, text: &str) -> Arc<Analysis> {
-        if let Some(hit) = self.lock().get(text) {
-            return Arc::clone(hit);
-        }
         let shaped = shape(text);
-        if let Some(key) = &shaped {
-            if let Some(hit) = self.lock().get(format!("\0{key}").as_str()) {
+        {
+            let maps = self.lock();
+            if let Some(key) = &shaped {
+                if let Some(hit) = maps.shapes.get(key.as_str()) {
+                    return Arc::clone(hit);
+                }
+            }
+            if let Some(hit) = maps.exact.get(text) {
                 return Arc::clone(hit);
             }
         }
         let analysis = Arc::new(analyze(text));
-        let mut entries = self.lock();
+        let mut maps = self.lock();
         // Dropping everything when full is crude but bounded and O(1)
         // amortised; the working set of a driver is small.
-        if entries.len() >= self.capacity {
-            entries.clear();
+        if maps.exact.len() + maps.shapes.len() >= self.capacity {
+            maps.exact.clear();
+            maps.shapes.clear();
         }
         match shaped {
-            // Shape keys start with NUL, which no query text holds.
             Some(key) if analysis.shareable => {
-                entries.insert(Arc::from(format!("\0{key}")), Arc::clone(&analysis));
+                maps.shapes.insert(Arc::from(key), Arc::clone(&analysis));
             }
             _ => {
-                entries.insert(Arc::from(text), Arc::clone(&analysis));
+                maps.exact.insert(Arc::from(text), Arc::clone(&analysis));
             }
         }
         analysis
     }
 
     pub fn clear(&self) {
-        self.lock().clear();
+        let mut maps = self.lock();
+        maps.exact.clear();
+        maps.shapes.clear();
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Arc<Analysis>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Maps> {
         // A panic while holding the lock cannot leave the map inconsistent
         // (inserts are single calls), so a poisoned lock is still usable.
         self.entries.lock().unwrap_or_else(|p| p.into_inner())

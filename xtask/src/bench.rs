@@ -245,6 +245,23 @@ fn start_gateway(db: &Cluster, dir: &Path, name: &str, policy: &Path) -> Result<
     Ok((Proc(child), port))
 }
 
+/// A policy directory: `base` plus one masking rule on `columns`.
+fn policy_with_mask(
+    dir: &Path,
+    base: &Path,
+    rule: &str,
+    columns: &str,
+) -> Result<std::path::PathBuf> {
+    std::fs::create_dir_all(dir)?;
+    let name = base.file_name().context("policy file name")?;
+    std::fs::copy(base, dir.join(name))?;
+    std::fs::write(
+        dir.join("mask.yaml"),
+        format!("masking:\n  - name: {rule}\n    columns: [{columns}]\n"),
+    )?;
+    Ok(dir.to_path_buf())
+}
+
 fn start_pgbouncer(db: &Cluster, dir: &Path) -> Result<(Proc, u16)> {
     let port = agentgate_tests::free_port();
     let d = dir.join("pgbouncer");
@@ -321,23 +338,18 @@ pub fn run(args: BenchArgs) -> Result<()> {
     // The default policy plus a masking rule on one column of
     // pgbench_accounts (one the select-only statement does not read, so
     // the figure shows what masking costs where it does not apply).
-    let default = w.join("policy-default");
-    std::fs::create_dir_all(&default)?;
-    std::fs::copy(
-        root().join("policies/default.yaml"),
-        default.join("default.yaml"),
-    )?;
-    std::fs::write(
-        default.join("mask.yaml"),
-        "masking:\n  - name: bench-filler\n    columns: [public.pgbench_accounts.filler]\n",
+    let default = policy_with_mask(
+        &w.join("policy-default"),
+        &root().join("policies/default.yaml"),
+        "bench-filler",
+        "public.pgbench_accounts.filler",
     )?;
     // Allow-all plus two masked columns of the bulk table.
-    let masked = w.join("policy-masked");
-    std::fs::create_dir_all(&masked)?;
-    std::fs::copy(&allow_all, masked.join("allow-all.yaml"))?;
-    std::fs::write(
-        masked.join("mask.yaml"),
-        "masking:\n  - name: bench-bulk\n    columns: [public.bulk.a, public.bulk.b]\n",
+    let masked = policy_with_mask(
+        &w.join("policy-masked"),
+        &allow_all,
+        "bench-bulk",
+        "public.bulk.a, public.bulk.b",
     )?;
     let (gw_all, gw_all_port) = start_gateway(&db, w, "agentgate-allow-all", &allow_all)?;
     let (gw_def, gw_def_port) = start_gateway(&db, w, "agentgate-default", &default)?;

@@ -47,21 +47,25 @@ pub struct ColumnPlan {
 /// The plan for one result: one entry per column.
 #[derive(Debug, Clone)]
 pub struct RowPlan {
-    pub columns: Vec<ColumnPlan>,
+    columns: Vec<ColumnPlan>,
+    /// Every column passes: rows go through undecoded. Worked out once,
+    /// since it is asked for every row.
+    noop: bool,
 }
 
 impl RowPlan {
+    pub fn new(columns: Vec<ColumnPlan>) -> Self {
+        let noop = columns.iter().all(|c| matches!(c.action, Action::Pass));
+        Self { columns, noop }
+    }
+
+    pub fn columns(&self) -> &[ColumnPlan] {
+        &self.columns
+    }
+
     /// Nothing to do: rows pass undecoded.
     pub fn is_noop(&self) -> bool {
-        self.columns.iter().all(|c| {
-            matches!(
-                c,
-                ColumnPlan {
-                    action: Action::Pass,
-                    ..
-                }
-            )
-        })
+        self.noop
     }
 }
 
@@ -213,6 +217,6 @@ impl Resolver<'_> {
                 }
             })
             .collect();
-        RowPlan { columns }
+        RowPlan::new(columns)
     }
 }

@@ -131,7 +131,7 @@ pub fn data_row(
             out.push(None);
             continue;
         };
-        let Some(p) = plan.columns.get(i) else {
+        let Some(p) = plan.columns().get(i) else {
             out.push(Some(Cow::Borrowed(v)));
             continue;
         };
@@ -196,7 +196,7 @@ impl CopyMasker {
             if i > 0 {
                 out.push(delim);
             }
-            let plan = self.plan.columns.get(i);
+            let plan = self.plan.columns().get(i);
             match plan {
                 Some(p) if field != b"\\N" && !matches!(p.action, Action::Pass) => {
                     let raw = unescape_text(field);
@@ -238,7 +238,7 @@ impl CopyMasker {
                 out.push(delim);
             }
             let is_null = !quoted && raw.is_empty();
-            match self.plan.columns.get(i) {
+            match self.plan.columns().get(i) {
                 Some(p) if !is_null && !matches!(p.action, Action::Pass) => {
                     let (m, masked) = value(
                         set,
@@ -347,7 +347,7 @@ impl CopyMasker {
                     continue;
                 };
                 let v = &rest[span];
-                let (m, masked) = match self.plan.columns.get(i) {
+                let (m, masked) = match self.plan.columns().get(i) {
                     Some(plan) => {
                         let r = value(
                             set,
@@ -488,11 +488,11 @@ pub fn notice(set: &MaskSet, tag: u8, body: &[u8]) -> Result<Option<Frame>, Deco
             new = scrub_quoted(&new);
         }
         if !set.detectors().is_empty() {
-            if let (Some(t), true) = scan_text(set, &new) {
-                new = t.into_owned();
-            } else if let (None, _) = scan_text(set, &new) {
-                new = super::function::REDACTED.to_owned();
-            }
+            new = match scan_text(set, &new) {
+                (Some(t), true) => t.into_owned(),
+                (Some(_), false) => new,
+                (None, _) => super::function::REDACTED.to_owned(),
+            };
         }
         if new != text {
             changed = true;

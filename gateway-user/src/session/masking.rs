@@ -291,8 +291,8 @@ fn blind_plan(set: &MaskSet) -> RowPlan {
         Some(r) => Action::Mask(Arc::clone(r)),
         None => Action::Scan,
     };
-    RowPlan {
-        columns: (0..width)
+    RowPlan::new(
+        (0..width)
             .map(|i| ColumnPlan {
                 action: action.clone(),
                 class: if matches!(action, Action::Scan) {
@@ -304,5 +304,5 @@ fn blind_plan(set: &MaskSet) -> RowPlan {
                 label: format!("column{}", i + 1),
             })
             .collect(),
-    }
+    )
 }

@@ -157,6 +157,16 @@ impl Serialize for DecisionRecord {
     }
 }
 
+impl DecisionRecord {
+    /// The serialised object, made once per decision and shared by its
+    /// clones.
+    pub fn json(&self) -> &str {
+        self.0
+            .audit_form
+            .get_or_init(|| serde_json::to_string(self).unwrap_or_else(|_| "null".into()))
+    }
+}
+
 impl From<&crate::policy::Decision> for DecisionRecord {
     fn from(d: &crate::policy::Decision) -> Self {
         Self(d.clone())
@@ -176,6 +186,49 @@ pub struct Outcome {
     /// column's name when computed). Absent when nothing was masked.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub masked: Option<std::collections::BTreeMap<String, u64>>,
+}
+
+impl Outcome {
+    /// Appends the same object serde's serialisation gives, without its
+    /// per-field machinery: one runs for every statement.
+    pub fn write_json(&self, out: &mut Vec<u8>) -> serde_json::Result<()> {
+        out.extend_from_slice(b"{\"status\":");
+        push_json_str(out, self.status)?;
+        out.extend_from_slice(b",\"sqlstate\":");
+        match &self.sqlstate {
+            Some(code) => push_json_str(out, code)?,
+            None => out.extend_from_slice(b"null"),
+        }
+        out.extend_from_slice(b",\"rows\":");
+        match self.rows {
+            Some(n) => out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes()),
+            None => out.extend_from_slice(b"null"),
+        }
+        out.extend_from_slice(b",\"duration_us\":");
+        out.extend_from_slice(itoa::Buffer::new().format(self.duration_us).as_bytes());
+        if let Some(masked) = &self.masked {
+            out.extend_from_slice(b",\"masked\":");
+            serde_json::to_writer(&mut *out, masked)?;
+        }
+        out.push(b'}');
+        Ok(())
+    }
+}
+
+/// Appends a JSON string: copied as is when nothing in it needs escaping
+/// (the usual case for statuses, names and codes), escaped by serde_json
+/// otherwise.
+pub fn push_json_str(out: &mut Vec<u8>, s: &str) -> serde_json::Result<()> {
+    if s.bytes()
+        .all(|b| b >= 0x20 && b != b'"' && b != b'\\' && b < 0x7f)
+    {
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+        Ok(())
+    } else {
+        serde_json::to_writer(out, s)
+    }
 }
 
 /// One line of the audit trail, before it is numbered.

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio::sync::{oneshot, Notify};
 
-use super::record::{DecisionRecord, Outcome, Record, RecordBody, StatementRecord};
+use super::record::{push_json_str, DecisionRecord, Outcome, Record, RecordBody, StatementRecord};
 use super::SCHEMA_VERSION;
 
 /// Where audit lines go.
@@ -233,9 +233,8 @@ fn statement_members(
     decision: &DecisionRecord,
     outcome: &Outcome,
 ) -> serde_json::Result<()> {
-    use std::io::Write as _;
     out.extend_from_slice(b",\"statement\":{\"protocol\":");
-    serde_json::to_writer(&mut *out, statement.protocol)?;
+    push_json_str(out, statement.protocol)?;
     match statement.analysis.statements.get(statement.index) {
         Some(f) => {
             out.push(b',');
@@ -245,15 +244,16 @@ fn statement_members(
             b",\"text\":null,\"fingerprint\":null,\"kinds\":[],\"objects\":[],\"functions\":[]",
         ),
     }
-    let _ = write!(out, ",\"bytes\":{}", statement.bytes);
+    out.extend_from_slice(b",\"bytes\":");
+    out.extend_from_slice(itoa::Buffer::new().format(statement.bytes).as_bytes());
     if let Some(p) = &statement.prepared {
         out.extend_from_slice(b",\"prepared\":");
-        serde_json::to_writer(&mut *out, p)?;
+        push_json_str(out, p)?;
     }
     out.extend_from_slice(b"},\"decision\":");
-    serde_json::to_writer(&mut *out, decision)?;
+    out.extend_from_slice(decision.json().as_bytes());
     out.extend_from_slice(b",\"outcome\":");
-    serde_json::to_writer(&mut *out, outcome)
+    outcome.write_json(out)
 }
 
 struct Writer {
@@ -358,27 +358,50 @@ mod tests {
         let analysis = Arc::new(crate::sql::analyze(
             "SELECT name, upper(email) FROM public.customers WHERE id = 42; SELECT 'a\"b'",
         ));
-        let decision = crate::policy::Decision::unparseable();
-        for (index, prepared) in [(0, None), (1, Some("p\"1".to_owned())), (5, None)] {
-            let body = RecordBody::Statement {
-                statement: StatementRecord {
-                    protocol: "simple",
-                    analysis: Arc::clone(&analysis),
-                    index,
-                    bytes: 77,
-                    prepared,
-                },
-                decision: DecisionRecord(decision.clone()),
-                outcome: Outcome {
-                    status: "ok",
-                    rows: Some(1),
-                    ..Outcome::default()
-                },
-            };
-            let generic = serde_json::to_value(&body).unwrap();
-            let v = line(body);
-            for key in ["statement", "decision", "outcome"] {
-                assert_eq!(v[key], generic[key], "{key} of statement {index}");
+        let masked: std::collections::BTreeMap<String, u64> =
+            [("public.customers.email".to_owned(), 3)].into();
+        let outcomes = [
+            Outcome {
+                status: "ok",
+                rows: Some(1),
+                ..Outcome::default()
+            },
+            Outcome {
+                status: "error",
+                sqlstate: Some("22\"0\u{1}2".into()),
+                rows: None,
+                duration_us: 123_456,
+                masked: Some(masked),
+            },
+        ];
+        let decisions = [
+            crate::policy::Decision::unparseable(),
+            crate::policy::Decision::unknown_statement("the statement \"ä\\\n\""),
+        ];
+        let cases = [(0, None), (1, Some("p\"1".to_owned())), (5, None)];
+        for (index, prepared) in cases {
+            for outcome in &outcomes {
+                for decision in &decisions {
+                    // Twice: the decision's serialisation is cached after the first.
+                    for _ in 0..2 {
+                        let body = RecordBody::Statement {
+                            statement: StatementRecord {
+                                protocol: "simple",
+                                analysis: Arc::clone(&analysis),
+                                index,
+                                bytes: 77,
+                                prepared: prepared.clone(),
+                            },
+                            decision: DecisionRecord(decision.clone()),
+                            outcome: outcome.clone(),
+                        };
+                        let generic = serde_json::to_value(&body).unwrap();
+                        let v = line(body);
+                        for key in ["statement", "decision", "outcome"] {
+                            assert_eq!(v[key], generic[key], "{key} of statement {index}");
+                        }
+                    }
+                }
             }
         }
     }

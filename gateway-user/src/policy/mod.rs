@@ -19,7 +19,7 @@ pub mod model;
 mod store;
 
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use serde::Serialize;
 
@@ -49,7 +49,29 @@ pub struct Decision {
     pub controls: Arc<[String]>,
     /// The policy's name and digest (`builtin` for the floor).
     pub policy: Arc<str>,
+    /// The decision as the audit writes it, made once and shared by every
+    /// clone (a cached decision is audited on every statement it covers).
+    pub audit_form: AuditForm,
 }
+
+/// A decision's audit serialisation, filled on first use. A cache, not part
+/// of the decision's value: it never makes two decisions differ.
+#[derive(Debug, Clone, Default)]
+pub struct AuditForm(Arc<OnceLock<Box<str>>>);
+
+impl AuditForm {
+    pub fn get_or_init(&self, make: impl FnOnce() -> String) -> &str {
+        self.0.get_or_init(|| make().into_boxed_str())
+    }
+}
+
+impl PartialEq for AuditForm {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for AuditForm {}
 
 pub const RULE_UNPARSEABLE: &str = "builtin.unparseable";
 pub const RULE_FUNCTION_CALL: &str = "builtin.function-call";
@@ -73,6 +95,7 @@ impl Decision {
             mode: Mode::Enforce,
             controls: Arc::from(Vec::new()),
             policy: builtin_label(),
+            audit_form: AuditForm::default(),
         }
     }
 
@@ -153,6 +176,7 @@ impl Decision {
             mode: Mode::Enforce,
             controls: Arc::clone(&rule.controls),
             policy,
+            audit_form: AuditForm::default(),
         }
     }
 
@@ -327,6 +351,7 @@ impl Policy {
                             mode: rule.mode,
                             controls: Arc::clone(&rule.controls),
                             policy: Arc::clone(&self.label),
+                            audit_form: AuditForm::default(),
                         },
                     )
                 }
@@ -342,6 +367,7 @@ impl Policy {
                         mode: Mode::Enforce,
                         controls: Arc::from(Vec::new()),
                         policy: Arc::clone(&self.label),
+                        audit_form: AuditForm::default(),
                     },
                 ),
             };
@@ -361,6 +387,7 @@ impl Policy {
             mode: Mode::Enforce,
             controls: Arc::from(Vec::new()),
             policy: Arc::clone(&self.label),
+            audit_form: AuditForm::default(),
         };
         // An enforced refusal stops the statement whatever was observed; an
         // observed refusal is reported only when nothing enforced objects.
@@ -411,6 +438,7 @@ pub fn decide(policy: Option<&Policy>, identities: &[usize], analysis: &Analysis
         mode: Mode::Enforce,
         controls: Arc::from(Vec::new()),
         policy: Arc::clone(&policy.label),
+        audit_form: AuditForm::default(),
     })
 }
 

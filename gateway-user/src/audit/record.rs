@@ -101,7 +101,7 @@ pub struct StatementRecord {
     /// Length in bytes of the text the client sent for this statement.
     pub bytes: usize,
     /// The prepared statement name, in the extended protocol.
-    pub prepared: Option<String>,
+    pub prepared: Option<Arc<str>>,
 }
 
 impl Serialize for StatementRecord {
@@ -129,7 +129,7 @@ impl Serialize for StatementRecord {
         )?;
         st.serialize_field("bytes", &self.bytes)?;
         if let Some(p) = &self.prepared {
-            st.serialize_field("prepared", p)?;
+            st.serialize_field("prepared", &**p)?;
         }
         st.end()
     }

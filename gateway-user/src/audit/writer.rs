@@ -177,12 +177,15 @@ impl AuditSink {
 /// Serialises one numbered line onto `out`: the fixed fields, the
 /// session's members (serialised once per session), then the event's own.
 fn append(out: &mut Vec<u8>, seq: u64, record: &Record) {
-    use std::io::Write as _;
     let start = out.len();
-    let _ = write!(out, "{{\"v\":{SCHEMA_VERSION},\"ts\":\"");
+    out.extend_from_slice(b"{\"v\":");
+    out.extend_from_slice(itoa::Buffer::new().format(SCHEMA_VERSION).as_bytes());
+    out.extend_from_slice(b",\"ts\":\"");
     super::record::push_rfc3339(out, record.ts);
-    let _ = write!(out, "\",\"seq\":{seq},\"event\":");
-    if serde_json::to_writer(&mut *out, record.event).is_err() {
+    out.extend_from_slice(b"\",\"seq\":");
+    out.extend_from_slice(itoa::Buffer::new().format(seq).as_bytes());
+    out.extend_from_slice(b",\"event\":");
+    if push_json_str(out, record.event).is_err() {
         out.truncate(start);
         return;
     }
@@ -378,7 +381,7 @@ mod tests {
             crate::policy::Decision::unparseable(),
             crate::policy::Decision::unknown_statement("the statement \"ä\\\n\""),
         ];
-        let cases = [(0, None), (1, Some("p\"1".to_owned())), (5, None)];
+        let cases = [(0, None), (1, Some(Arc::from("p\"1"))), (5, None)];
         for (index, prepared) in cases {
             for outcome in &outcomes {
                 for decision in &decisions {

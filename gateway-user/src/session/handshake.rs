@@ -228,23 +228,20 @@ pub async fn handle(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         End::Io(format!("writing to the client: {e}"))
     } else {
         let relay = Relay::new(Arc::clone(&shared), Arc::clone(&info));
-        let (mut cr, mut cw) = tokio::io::split(client);
-        let (mut ur, mut uw) = tokio::io::split(up.conn);
-        let end = tokio::select! {
-            end = relay.frontend(&mut cr, &mut uw, buf, who) => end,
-            end = relay.backend(&mut ur, &mut cw, up.buf) => end,
+        let end = match (client, up.conn) {
+            // Plain TCP both ways (the common case): borrowed halves, with
+            // no lock taken on every read and write.
+            (Conn::Plain(mut c), Conn::Plain(mut u)) => {
+                let (cr, cw) = c.split();
+                let (ur, uw) = u.split();
+                relay_both_ways(&relay, (cr, cw), (ur, uw), (buf, up.buf), who).await
+            }
+            (client, conn) => {
+                let c = tokio::io::split(client);
+                let u = tokio::io::split(conn);
+                relay_both_ways(&relay, c, u, (buf, up.buf), who).await
+            }
         };
-        if let End::Malformed(m) = &end {
-            let msg = format!("agentgate: invalid frontend message: {m}");
-            let _ = cw
-                .write_all(backend::error_response("FATAL", PROTOCOL_VIOLATION, &msg).as_bytes())
-                .await;
-            let _ = cw.flush().await;
-        }
-        if matches!(end, End::ClientGone | End::Malformed(_) | End::Io(_)) {
-            // Say goodbye upstream so the backend ends at once.
-            let _ = uw.write_all(fe::terminate().as_bytes()).await;
-        }
         relay.abandon().await;
         tracing::debug!(session = %info.session, reason = %end.describe(), "session ended");
         let statements = relay.statements_audited();
@@ -254,6 +251,40 @@ pub async fn handle(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     };
     shared.cancel.unregister(up.pid, minted);
     emit_end(&shared, &info, 0, started, end.describe()).await;
+}
+
+/// Runs both directions of a logged-in session until one ends, then tells
+/// the peers what they need to know: a FATAL to a client that broke the
+/// protocol, a Terminate upstream when the client is gone.
+async fn relay_both_ways<CR, CW, UR, UW>(
+    relay: &Relay,
+    (mut cr, mut cw): (CR, CW),
+    (mut ur, mut uw): (UR, UW),
+    (client_buf, upstream_buf): (BytesMut, BytesMut),
+    who: Who,
+) -> End
+where
+    CR: AsyncRead + Unpin,
+    CW: AsyncWrite + Unpin,
+    UR: AsyncRead + Unpin,
+    UW: AsyncWrite + Unpin,
+{
+    let end = tokio::select! {
+        end = relay.frontend(&mut cr, &mut uw, client_buf, who) => end,
+        end = relay.backend(&mut ur, &mut cw, upstream_buf) => end,
+    };
+    if let End::Malformed(m) = &end {
+        let msg = format!("agentgate: invalid frontend message: {m}");
+        let _ = cw
+            .write_all(backend::error_response("FATAL", PROTOCOL_VIOLATION, &msg).as_bytes())
+            .await;
+        let _ = cw.flush().await;
+    }
+    if matches!(end, End::ClientGone | End::Malformed(_) | End::Io(_)) {
+        // Say goodbye upstream so the backend ends at once.
+        let _ = uw.write_all(fe::terminate().as_bytes()).await;
+    }
+    end
 }
 
 async fn emit_end(

@@ -75,7 +75,7 @@ struct Prepared {
     /// multi-statement Query).
     index: usize,
     bytes: usize,
-    name: String,
+    name: Arc<str>,
     decision: Decision,
 }
 
@@ -306,7 +306,7 @@ impl Relay {
                         analysis,
                         index: 0,
                         bytes: parse.query.len(),
-                        name: parse.statement.to_owned(),
+                        name: Arc::from(parse.statement),
                         decision,
                     }),
                 );
@@ -323,12 +323,14 @@ impl Relay {
                             bind.portal.to_owned(),
                             Portal {
                                 prepared: Arc::clone(p),
-                                formats: bind.result_formats.clone(),
+                                formats: bind.result_formats,
                             },
                         );
-                        state
-                            .described
-                            .remove(&Described::Portal(bind.portal.to_owned()));
+                        if !state.described.is_empty() {
+                            state
+                                .described
+                                .remove(&Described::Portal(bind.portal.to_owned()));
+                        }
                         Expect::Bind(bind.portal.to_owned())
                     }
                     None => {
@@ -366,10 +368,11 @@ impl Relay {
                 // Masking needs the row shape; a client that never described
                 // this portal or its statement gets one asked for it.
                 let portal = Described::Portal(exec.portal.to_owned());
-                let statement = Described::Statement(prepared.name.clone());
                 if !state.judge.mask.is_empty()
                     && !state.described.contains(&portal)
-                    && !state.described.contains(&statement)
+                    && !state
+                        .described
+                        .contains(&Described::Statement(prepared.name.to_string()))
                 {
                     state.inject = Some(fe::describe_portal(exec.portal));
                     self.tracker().push(
@@ -434,7 +437,7 @@ impl Relay {
                     started: Instant::now(),
                     rows: RowSource::NoData,
                     portal: None,
-                    formats: Vec::new(),
+                    formats: fe::ResultFormats::default(),
                 }];
                 return Ok(Some(self.deny_simple(pending, &decision, done)));
             }
@@ -622,7 +625,7 @@ struct FrontendState {
 /// A bound portal: its statement and the result formats Bind asked for.
 struct Portal {
     prepared: Arc<Prepared>,
-    formats: Vec<i16>,
+    formats: fe::ResultFormats,
 }
 
 /// One session's view of the policy: its identities under the policy in
@@ -769,7 +772,7 @@ impl FrontendState {
                             analysis: Arc::clone(analysis),
                             index,
                             bytes,
-                            name: name.clone(),
+                            name: Arc::from(name.as_str()),
                             decision: decision.clone(),
                         }),
                     );
@@ -787,12 +790,12 @@ fn pending_for(p: &Prepared, decision: &Decision, rows: RowSource) -> PendingSta
     PendingStatement {
         rows,
         portal: None,
-        formats: Vec::new(),
+        formats: fe::ResultFormats::default(),
         protocol: "extended",
         analysis: Arc::clone(&p.analysis),
         index: p.index,
         bytes: p.bytes,
-        prepared: Some(p.name.clone()),
+        prepared: Some(Arc::clone(&p.name)),
         decision: decision.clone(),
         started: Instant::now(),
     }
@@ -821,12 +824,12 @@ fn pending_statements(
                 RowSource::NoData
             },
             portal: None,
-            formats: Vec::new(),
+            formats: fe::ResultFormats::default(),
             protocol,
             analysis: Arc::clone(analysis),
             index,
             bytes,
-            prepared: prepared.map(str::to_owned),
+            prepared: prepared.map(Arc::from),
             decision: decision.clone(),
             started,
         })

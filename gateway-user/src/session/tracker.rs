@@ -15,6 +15,7 @@ use crate::mask::plan::RowSource;
 use crate::policy::Decision;
 use crate::sql::Analysis;
 use crate::wire::backend::{self, rows_in_tag};
+use crate::wire::frontend::ResultFormats;
 use crate::wire::rows::{self, Field};
 use crate::wire::Frame;
 
@@ -27,7 +28,7 @@ pub struct PendingStatement {
     pub index: usize,
     /// Bytes of the client's text (the whole query string).
     pub bytes: usize,
-    pub prepared: Option<String>,
+    pub prepared: Option<Arc<str>>,
     pub decision: Decision,
     pub started: Instant,
     /// What its rows are made of, for masking computed columns.
@@ -35,7 +36,7 @@ pub struct PendingStatement {
     /// For an Execute: the portal, its statement and the result formats
     /// its Bind asked for (none: all text; one: for every column).
     pub portal: Option<String>,
-    pub formats: Vec<i16>,
+    pub formats: ResultFormats,
 }
 
 /// What a Describe asks about.
@@ -134,6 +135,7 @@ impl Tracker {
     pub fn push(&mut self, expect: Expect, done: &mut Vec<Completed>) {
         // A new Parse or Bind of a name replaces what was described under it.
         match &expect {
+            _ if self.descriptions.is_empty() => {}
             Expect::Parse(name) => {
                 self.descriptions
                     .remove(&Described::Statement(name.clone()));
@@ -232,14 +234,12 @@ impl Tracker {
             return Some(std::sync::Arc::clone(f));
         }
         let name = s.prepared.as_ref()?;
-        let f = self.descriptions.get(&Described::Statement(name.clone()))?;
+        let f = self
+            .descriptions
+            .get(&Described::Statement(name.to_string()))?;
         let mut fields: Vec<Field> = f.as_ref().clone();
         for (i, field) in fields.iter_mut().enumerate() {
-            field.format = match s.formats.as_slice() {
-                [] => 0,
-                [one] => *one,
-                many => many.get(i).copied().unwrap_or(0),
-            };
+            field.format = s.formats.of(i);
         }
         Some(std::sync::Arc::new(fields))
     }

@@ -55,9 +55,33 @@ pub struct Bind<'a> {
     pub portal: &'a str,
     pub statement: &'a str,
     pub params: usize,
-    /// Result column format codes as sent: none (all text), one (for every
-    /// column) or one per column.
-    pub result_formats: Vec<i16>,
+    pub result_formats: ResultFormats,
+}
+
+/// The result column formats a Bind asks for. Zero codes (all text) and one
+/// code (for every column) are by far the most common and need no
+/// allocation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ResultFormats {
+    Uniform(i16),
+    PerColumn(std::sync::Arc<[i16]>),
+}
+
+impl Default for ResultFormats {
+    fn default() -> Self {
+        Self::Uniform(0)
+    }
+}
+
+impl ResultFormats {
+    /// The format of one column (text past the end of a per-column list,
+    /// which the server would have refused anyway).
+    pub fn of(&self, column: usize) -> i16 {
+        match self {
+            Self::Uniform(f) => *f,
+            Self::PerColumn(each) => each.get(column).copied().unwrap_or(0),
+        }
+    }
 }
 
 /// Decodes a Bind and checks every field, parameter values included, so a
@@ -87,10 +111,15 @@ pub fn decode_bind(body: &[u8]) -> Result<Bind<'_>, DecodeError> {
         }
     }
     let results = c.count16("result format count")?;
-    let mut result_formats = Vec::with_capacity(results);
-    for _ in 0..results {
-        result_formats.push(format_code(&mut c)?);
-    }
+    let result_formats = match results {
+        0 => ResultFormats::Uniform(0),
+        1 => ResultFormats::Uniform(format_code(&mut c)?),
+        n => ResultFormats::PerColumn(
+            (0..n)
+                .map(|_| format_code(&mut c))
+                .collect::<Result<_, _>>()?,
+        ),
+    };
     c.finish()?;
     Ok(Bind {
         portal,
@@ -214,6 +243,14 @@ mod tests {
         let ok = b"p\0s\0\0\x01\0\x01\0\x02\0\0\0\x01x\xff\xff\xff\xff\0\0";
         let b = decode_bind(ok).unwrap();
         assert_eq!((b.portal, b.statement, b.params), ("p", "s", 2));
+        assert_eq!(b.result_formats, ResultFormats::Uniform(0));
+        let mut per_column = ok[..ok.len() - 2].to_vec();
+        per_column.extend_from_slice(b"\0\x02\0\x01\0\0");
+        let b = decode_bind(&per_column).unwrap();
+        assert_eq!((b.result_formats.of(0), b.result_formats.of(1)), (1, 0));
+        let mut one = ok[..ok.len() - 2].to_vec();
+        one.extend_from_slice(b"\0\x01\0\x01");
+        assert_eq!(decode_bind(&one).unwrap().result_formats.of(7), 1);
         let mut extra = ok.to_vec();
         extra.push(0);
         assert!(decode_bind(&extra).is_err());

@@ -138,23 +138,30 @@ impl AuditSink {
     pub async fn emit(&self, record: Record) -> Result<(), AuditError> {
         loop {
             let room = self.inner.room.notified();
-            {
-                let mut p = self.lock();
-                if p.stopped {
-                    return Err(AuditError::Stopped);
-                }
-                if p.bytes.len() < MAX_PENDING {
-                    p.seq += 1;
-                    let seq = p.seq;
-                    append(&mut p.bytes, seq, &record);
-                    drop(p);
-                    self.wake_writer();
-                    return Ok(());
-                }
+            if self.try_emit(&record)? {
+                return Ok(());
             }
             self.wake_writer();
             room.await;
         }
+    }
+
+    /// Appends a record if the buffer has room (the usual case, with no
+    /// future to set up); false when the caller must wait with `emit`.
+    pub fn try_emit(&self, record: &Record) -> Result<bool, AuditError> {
+        let mut p = self.lock();
+        if p.stopped {
+            return Err(AuditError::Stopped);
+        }
+        if p.bytes.len() >= MAX_PENDING {
+            return Ok(false);
+        }
+        p.seq += 1;
+        let seq = p.seq;
+        append(&mut p.bytes, seq, record);
+        drop(p);
+        self.wake_writer();
+        Ok(true)
     }
 
     /// Returns once every record appended before the call is written and

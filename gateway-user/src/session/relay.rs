@@ -151,11 +151,11 @@ impl Relay {
                     .invalidate(&self.info.target.addr, &self.info.target.database);
             }
             let record = statement_record(&self.info, c);
-            self.shared
-                .audit
-                .emit(record)
-                .await
-                .map_err(|e| End::Io(e.to_string()))?;
+            let audit = &self.shared.audit;
+            let io = |e: crate::audit::AuditError| End::Io(e.to_string());
+            if !audit.try_emit(&record).map_err(io)? {
+                audit.emit(record).await.map_err(io)?;
+            }
         }
         Ok(())
     }
@@ -367,9 +367,9 @@ impl Relay {
                 pending.formats = formats;
                 // Masking needs the row shape; a client that never described
                 // this portal or its statement gets one asked for it.
-                let portal = Described::Portal(exec.portal.to_owned());
+                let portal = || Described::Portal(exec.portal.to_owned());
                 if !state.judge.mask.is_empty()
-                    && !state.described.contains(&portal)
+                    && !state.described.contains(&portal())
                     && !state
                         .described
                         .contains(&Described::Statement(prepared.name.to_string()))
@@ -377,12 +377,12 @@ impl Relay {
                     state.inject = Some(fe::describe_portal(exec.portal));
                     self.tracker().push(
                         Expect::Describe {
-                            target: portal.clone(),
+                            target: portal(),
                             hidden: true,
                         },
                         done,
                     );
-                    state.described.insert(portal);
+                    state.described.insert(portal());
                 }
                 Expect::Execute(pending)
             }

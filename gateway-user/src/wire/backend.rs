@@ -113,9 +113,8 @@ pub fn decode_command_complete(body: &[u8]) -> Result<&str, DecodeError> {
 /// The row count a command tag reports, for the tags that carry one
 /// (`SELECT n`, `INSERT 0 n`, `UPDATE n`, `COPY n`, ...).
 pub fn rows_in_tag(tag: &str) -> Option<u64> {
-    let mut words = tag.split(' ');
-    let verb = words.next()?;
-    let last = tag.rsplit(' ').next()?;
+    let (verb, _) = tag.split_once(' ')?;
+    let (_, last) = tag.rsplit_once(' ')?;
     match verb {
         "SELECT" | "INSERT" | "UPDATE" | "DELETE" | "MERGE" | "COPY" | "FETCH" | "MOVE" => {
             last.parse().ok()

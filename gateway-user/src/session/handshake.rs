@@ -227,14 +227,12 @@ pub async fn handle(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     {
         End::Io(format!("writing to the client: {e}"))
     } else {
-        let relay = Relay::new(Arc::clone(&shared), Arc::clone(&info));
+        let relay = Arc::new(Relay::new(Arc::clone(&shared), Arc::clone(&info)));
         let end = match (client, up.conn) {
-            // Plain TCP both ways (the common case): borrowed halves, with
-            // no lock taken on every read and write.
-            (Conn::Plain(mut c), Conn::Plain(mut u)) => {
-                let (cr, cw) = c.split();
-                let (ur, uw) = u.split();
-                relay_both_ways(&relay, (cr, cw), (ur, uw), (buf, up.buf), who).await
+            // Plain TCP both ways (the common case): socket halves with no
+            // lock taken on every read and write.
+            (Conn::Plain(c), Conn::Plain(u)) => {
+                relay_both_ways(&relay, c.into_split(), u.into_split(), (buf, up.buf), who).await
             }
             (client, conn) => {
                 let c = tokio::io::split(client);
@@ -256,31 +254,75 @@ pub async fn handle(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
 /// Runs both directions of a logged-in session until one ends, then tells
 /// the peers what they need to know: a FATAL to a client that broke the
 /// protocol, a Terminate upstream when the client is gone.
+///
+/// Each direction is its own task, so a message arriving on one socket
+/// wakes only the code that reads it (one task selecting over both would
+/// poll the idle socket on every wake-up). The first to end stops the other,
+/// which hands its socket halves back for the goodbyes.
 async fn relay_both_ways<CR, CW, UR, UW>(
-    relay: &Relay,
-    (mut cr, mut cw): (CR, CW),
-    (mut ur, mut uw): (UR, UW),
+    relay: &Arc<Relay>,
+    (cr, cw): (CR, CW),
+    (ur, uw): (UR, UW),
     (client_buf, upstream_buf): (BytesMut, BytesMut),
     who: Who,
 ) -> End
 where
-    CR: AsyncRead + Unpin,
-    CW: AsyncWrite + Unpin,
-    UR: AsyncRead + Unpin,
-    UW: AsyncWrite + Unpin,
+    CR: AsyncRead + Unpin + Send + 'static,
+    CW: AsyncWrite + Unpin + Send + 'static,
+    UR: AsyncRead + Unpin + Send + 'static,
+    UW: AsyncWrite + Unpin + Send + 'static,
 {
-    let end = tokio::select! {
-        end = relay.frontend(&mut cr, &mut uw, client_buf, who) => end,
-        end = relay.backend(&mut ur, &mut cw, upstream_buf) => end,
+    let (stop_front, front_stopped) = tokio::sync::oneshot::channel::<()>();
+    let (stop_back, back_stopped) = tokio::sync::oneshot::channel::<()>();
+    let r = Arc::clone(relay);
+    let mut front = tokio::spawn(async move {
+        let (mut cr, mut uw) = (cr, uw);
+        let end = tokio::select! {
+            biased;
+            _ = front_stopped => None,
+            end = r.frontend(&mut cr, &mut uw, client_buf, who) => Some(end),
+        };
+        (end, uw)
+    });
+    let r = Arc::clone(relay);
+    let mut back = tokio::spawn(async move {
+        let (mut ur, mut cw) = (ur, cw);
+        let end = tokio::select! {
+            biased;
+            _ = back_stopped => None,
+            end = r.backend(&mut ur, &mut cw, upstream_buf) => Some(end),
+        };
+        (end, cw)
+    });
+    let lost = |e: tokio::task::JoinError| End::Io(format!("relay task failed: {e}"));
+    // The direction that ended first says why the session ends.
+    let (end, cw, uw) = tokio::select! {
+        f = &mut front => {
+            let _ = stop_back.send(());
+            let cw = back.await.ok().map(|b| b.1);
+            match f {
+                Ok((end, uw)) => (end, cw, Some(uw)),
+                Err(e) => (Some(lost(e)), cw, None),
+            }
+        }
+        b = &mut back => {
+            let _ = stop_front.send(());
+            let uw = front.await.ok().map(|f| f.1);
+            match b {
+                Ok((end, cw)) => (end, Some(cw), uw),
+                Err(e) => (Some(lost(e)), None, uw),
+            }
+        }
     };
-    if let End::Malformed(m) = &end {
+    let end = end.unwrap_or_else(|| End::Io("relay stopped".into()));
+    if let (End::Malformed(m), Some(mut cw)) = (&end, cw) {
         let msg = format!("agentgate: invalid frontend message: {m}");
         let _ = cw
             .write_all(backend::error_response("FATAL", PROTOCOL_VIOLATION, &msg).as_bytes())
             .await;
         let _ = cw.flush().await;
     }
-    if matches!(end, End::ClientGone | End::Malformed(_) | End::Io(_)) {
+    if let (End::ClientGone | End::Malformed(_) | End::Io(_), Some(mut uw)) = (&end, uw) {
         // Say goodbye upstream so the backend ends at once.
         let _ = uw.write_all(fe::terminate().as_bytes()).await;
     }

@@ -12,7 +12,7 @@ use crate::mask::rewrite::{self, CopyFormat, CopyMasker, Counts};
 use crate::policy::masking::MaskSet;
 use crate::sql::lineage::RelName;
 use crate::wire::rows::{self, Field};
-use crate::wire::{backend, DecodeError, Frame};
+use crate::wire::{backend, DecodeError, Frame, FrameRef};
 
 use super::tracker::{Head, Tracker};
 
@@ -75,7 +75,7 @@ impl ResultMasker {
     }
 
     /// What the plan for the result starting with `frame` needs to know.
-    pub fn request(tracker: &Tracker, frame: &Frame) -> Request {
+    pub fn request(tracker: &Tracker, frame: FrameRef<'_>) -> Request {
         let (rows, facts) = match tracker.head() {
             Head::Statement(s) => (
                 s.rows.clone(),
@@ -198,7 +198,11 @@ impl ResultMasker {
     }
 
     /// Rewrites one backend frame; `None` leaves it as it is.
-    pub fn rewrite(&mut self, set: &MaskSet, frame: &Frame) -> Result<Option<Frame>, DecodeError> {
+    pub fn rewrite(
+        &mut self,
+        set: &MaskSet,
+        frame: FrameRef<'_>,
+    ) -> Result<Option<Frame>, DecodeError> {
         match frame.tag() {
             rows::DATA_ROW => {
                 let Some(plan) = &self.plan else {

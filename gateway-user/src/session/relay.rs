@@ -9,7 +9,7 @@ type Fast = foldhash::fast::RandomState;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use super::masking::ResultMasker;
@@ -23,7 +23,7 @@ use crate::policy::{self, Decision, Policy, PolicyStore, Who};
 use crate::sql::lineage::{CursorEffect, RowsOf};
 use crate::sql::{Analysis, PreparedEffect, StatementFacts};
 use crate::wire::frontend::{self as fe, Target};
-use crate::wire::{backend, DecodeError, Frame, FrameError, FrameSplitter};
+use crate::wire::{backend, DecodeError, Frame, FrameError, FrameRef, FrameSplitter};
 
 /// What a denied message is replaced with upstream: text the server's parser
 /// rejects at once, so the server raises an error at exactly that point of
@@ -31,6 +31,13 @@ use crate::wire::{backend, DecodeError, Frame, FrameError, FrameSplitter};
 /// discard until Sync). Its error is then replaced by the denial.
 const DENIED_SQL: &str = "agentgate_denied";
 const DENIED_STATEMENT: &str = "agentgate_denied";
+
+/// What goes upstream for a judged client message.
+enum Pass {
+    Forward,
+    /// A stand-in (a denial's failing statement).
+    Replace(Frame),
+}
 
 /// Why a relay ended.
 #[derive(Debug)]
@@ -88,7 +95,28 @@ struct Outbox {
 
 impl Outbox {
     fn push(&mut self, frame: Frame) {
-        self.buf.unsplit(frame.into_buf());
+        self.push_bytes(frame.into_buf());
+    }
+
+    fn push_opt(&mut self, frame: Option<Frame>) {
+        if let Some(f) = frame {
+            self.push(f);
+        }
+    }
+
+    /// Whole messages taken off the front of a read buffer.
+    fn push_bytes(&mut self, bytes: BytesMut) {
+        if !bytes.is_empty() {
+            self.buf.unsplit(bytes);
+        }
+    }
+
+    /// Moves the first `n` bytes of `buf` (messages going through
+    /// unchanged) here.
+    fn take_from(&mut self, buf: &mut BytesMut, n: usize) {
+        if n > 0 {
+            self.push_bytes(buf.split_to(n));
+        }
     }
 
     async fn send<W: AsyncWrite + Unpin>(&mut self, w: &mut W) -> std::io::Result<()> {
@@ -192,27 +220,44 @@ impl Relay {
         let mut done = Vec::new();
         loop {
             let mut terminate = false;
+            // Bytes at the front of `buf` judged and going upstream as they are.
+            let mut kept = 0;
             loop {
-                let frame = match splitter.split(&mut buf) {
-                    Ok(Some(f)) => f,
+                let total = match splitter.peek(&buf[kept..]) {
+                    Ok(Some(n)) => n,
                     Ok(None) => break,
                     Err(e) => return e.into(),
                 };
-                let judged = self.judge(frame, &mut state, &mut done);
-                if let Some(pre) = state.inject.take() {
-                    out.push(pre);
-                }
-                match judged {
-                    Ok(Some(f)) => {
-                        terminate = f.tag() == fe::TERMINATE;
-                        out.push(f);
-                        if terminate {
-                            break;
+                let frame = FrameRef::new(&buf[kept..kept + total]);
+                terminate = frame.tag() == fe::TERMINATE;
+                let pass = match self.judge(frame, &mut state, &mut done) {
+                    Ok(p) => p,
+                    Err(end) => return end,
+                };
+                match (pass, state.inject.take()) {
+                    (Pass::Forward, None) => kept += total,
+                    (pass, inject) => {
+                        out.take_from(&mut buf, kept);
+                        kept = 0;
+                        if let Some(pre) = inject {
+                            out.push(pre);
+                        }
+                        match pass {
+                            Pass::Forward => out.take_from(&mut buf, total),
+                            Pass::Replace(f) => {
+                                buf.advance(total);
+                                out.push(f);
+                            }
                         }
                     }
-                    Ok(None) => {}
-                    Err(end) => return end,
                 }
+                if terminate {
+                    break;
+                }
+            }
+            out.take_from(&mut buf, kept);
+            if let Err(e) = splitter.reserve_pending(&mut buf) {
+                return e.into();
             }
             if let Err(e) = out.send(upstream).await {
                 return End::Io(format!("writing to the database: {e}"));
@@ -231,13 +276,13 @@ impl Relay {
         }
     }
 
-    /// Judges one client message and returns what goes upstream in its place.
+    /// Judges one client message and says what goes upstream in its place.
     fn judge(
         &self,
-        frame: Frame,
+        frame: FrameRef<'_>,
         state: &mut FrontendState,
         done: &mut Vec<Completed>,
-    ) -> Result<Option<Frame>, End> {
+    ) -> Result<Pass, End> {
         let body = frame.body();
         let healthy = self.shared.audit.is_healthy();
         if state.judge.refresh(&self.shared.policy) {
@@ -262,7 +307,7 @@ impl Relay {
                         &decision,
                         Vec::new(),
                     );
-                    return Ok(Some(self.deny_simple(pending, &decision, done)));
+                    return Ok(Pass::Replace(self.deny_simple(pending, &decision, done)));
                 }
                 // Row sources matter only to masking.
                 let rows = if state.judge.mask.is_empty() {
@@ -297,7 +342,7 @@ impl Relay {
                         &decision,
                         Vec::new(),
                     );
-                    return Ok(Some(self.deny_extended(pending, &decision, done)));
+                    return Ok(Pass::Replace(self.deny_extended(pending, &decision, done)));
                 }
                 state.track_sql_prepares(&analysis, parse.query.len(), &decision);
                 state.statements.insert(
@@ -310,9 +355,11 @@ impl Relay {
                         decision,
                     }),
                 );
-                state
-                    .described
-                    .remove(&Described::Statement(parse.statement.to_owned()));
+                if !state.described.is_empty() {
+                    state
+                        .described
+                        .remove(&Described::Statement(parse.statement.to_owned()));
+                }
                 Expect::Parse(parse.statement.to_owned())
             }
             fe::BIND => {
@@ -339,7 +386,11 @@ impl Relay {
                             "prepared statement {:?}",
                             bind.statement
                         ));
-                        return Ok(Some(self.deny_extended(Vec::new(), &decision, done)));
+                        return Ok(Pass::Replace(self.deny_extended(
+                            Vec::new(),
+                            &decision,
+                            done,
+                        )));
                     }
                 }
             }
@@ -348,12 +399,16 @@ impl Relay {
                 let Some(p) = state.portals.get(exec.portal) else {
                     let decision =
                         Decision::unknown_statement(&format!("portal {:?}", exec.portal));
-                    return Ok(Some(self.deny_extended(Vec::new(), &decision, done)));
+                    return Ok(Pass::Replace(self.deny_extended(
+                        Vec::new(),
+                        &decision,
+                        done,
+                    )));
                 };
                 if !healthy {
                     let decision = Decision::audit_unavailable();
                     let pending = vec![pending_for(&p.prepared, &decision, RowSource::NoData)];
-                    return Ok(Some(self.deny_extended(pending, &decision, done)));
+                    return Ok(Pass::Replace(self.deny_extended(pending, &decision, done)));
                 }
                 let rows = state.rows_of_prepared(&p.prepared);
                 let prepared = Arc::clone(&p.prepared);
@@ -414,12 +469,12 @@ impl Relay {
             }
             fe::FLUSH | fe::TERMINATE | fe::COPY_DONE => {
                 fe::decode_empty(frame.tag(), body)?;
-                return Ok(Some(frame));
+                return Ok(Pass::Forward);
             }
-            fe::COPY_DATA => return Ok(Some(frame)),
+            fe::COPY_DATA => return Ok(Pass::Forward),
             fe::COPY_FAIL => {
                 fe::decode_copy_fail(body)?;
-                return Ok(Some(frame));
+                return Ok(Pass::Forward);
             }
             fe::FUNCTION_CALL => {
                 let decision = Decision::function_call();
@@ -439,7 +494,7 @@ impl Relay {
                     portal: None,
                     formats: fe::ResultFormats::default(),
                 }];
-                return Ok(Some(self.deny_simple(pending, &decision, done)));
+                return Ok(Pass::Replace(self.deny_simple(pending, &decision, done)));
             }
             other => {
                 return Err(End::Malformed(format!(
@@ -449,7 +504,7 @@ impl Relay {
             }
         };
         self.tracker().push(expect, done);
-        Ok(Some(frame))
+        Ok(Pass::Forward)
     }
 
     /// Refuses a statement whose computed output would carry a column
@@ -544,43 +599,60 @@ impl Relay {
         loop {
             let mask = self.mask();
             self.tracker().masking = !mask.is_empty();
+            // Bytes at the front of `buf` going to the client as they are.
+            let mut kept = 0;
             loop {
-                let mut frame = match splitter.split(&mut buf) {
-                    Ok(Some(f)) => f,
+                let total = match splitter.peek(&buf[kept..]) {
+                    Ok(Some(n)) => n,
                     Ok(None) => break,
                     Err(e) => return End::Io(format!("database sent a bad frame: {e}")),
                 };
+                let frame = FrameRef::new(&buf[kept..kept + total]);
+                let tag = frame.tag();
+                let mut masked = None;
                 if !mask.is_empty() {
-                    if masker.needs_plan(frame.tag()) {
-                        let request = ResultMasker::request(&self.tracker(), &frame);
+                    if masker.needs_plan(tag) {
+                        let request = ResultMasker::request(&self.tracker(), frame);
                         masker.prepare(request, &mask).await;
                     }
-                    match masker.rewrite(&mask, &frame) {
-                        Ok(Some(f)) => frame = f,
-                        Ok(None) => {}
+                    match masker.rewrite(&mask, frame) {
+                        Ok(m) => masked = m,
                         Err(e) => return End::Io(format!("database sent a bad message: {e}")),
                     }
                 }
                 let before = done.len();
                 let verdict = {
                     let mut tracker = self.tracker();
-                    let v = tracker.on_backend(&frame, &mut done);
-                    if ends_result(frame.tag()) {
+                    let seen = masked.as_ref().map_or(frame, Frame::as_ref);
+                    let v = tracker.on_backend(seen, &mut done);
+                    if ends_result(tag) {
                         tracker.end_result();
                     }
                     v
                 };
-                if ends_result(frame.tag()) {
+                if ends_result(tag) {
                     let counts = masker.finish();
                     if let (Some(c), Some(first)) = (counts, done.get_mut(before)) {
                         first.outcome.masked = Some(c);
                     }
                 }
-                match verdict {
-                    Verdict::Forward => out.push(frame),
-                    Verdict::Replace(f) => out.push(f),
-                    Verdict::Drop => {}
+                match (verdict, masked) {
+                    (Verdict::Forward, None) => kept += total,
+                    (verdict, masked) => {
+                        out.take_from(&mut buf, kept);
+                        kept = 0;
+                        buf.advance(total);
+                        match verdict {
+                            Verdict::Forward => out.push_opt(masked),
+                            Verdict::Replace(f) => out.push(f),
+                            Verdict::Drop => {}
+                        }
+                    }
                 }
+            }
+            out.take_from(&mut buf, kept);
+            if let Err(e) = splitter.reserve_pending(&mut buf) {
+                return End::Io(format!("database sent a bad frame: {e}"));
             }
             if let Err(e) = out.send(client).await {
                 return End::Io(format!("writing to the client: {e}"));

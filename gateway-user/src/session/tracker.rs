@@ -17,7 +17,7 @@ use crate::sql::Analysis;
 use crate::wire::backend::{self, rows_in_tag};
 use crate::wire::frontend::ResultFormats;
 use crate::wire::rows::{self, Field};
-use crate::wire::Frame;
+use crate::wire::{Frame, FrameRef};
 
 /// A statement on its way through, kept until its outcome is known.
 #[derive(Debug, Clone)]
@@ -157,7 +157,7 @@ impl Tracker {
     }
 
     /// Accounts for one backend message.
-    pub fn on_backend(&mut self, frame: &Frame, done: &mut Vec<Completed>) -> Verdict {
+    pub fn on_backend(&mut self, frame: FrameRef<'_>, done: &mut Vec<Completed>) -> Verdict {
         match frame.tag() {
             backend::PARSE_COMPLETE => self.pop_if(|e| matches!(e, Expect::Parse(_))),
             backend::BIND_COMPLETE => self.pop_if(|e| matches!(e, Expect::Bind(_))),
@@ -255,7 +255,7 @@ impl Tracker {
         }
     }
 
-    fn on_completion(&mut self, frame: &Frame, done: &mut Vec<Completed>) {
+    fn on_completion(&mut self, frame: FrameRef<'_>, done: &mut Vec<Completed>) {
         let (status, rows) = match frame.tag() {
             backend::PORTAL_SUSPENDED => ("suspended", None),
             backend::EMPTY_QUERY_RESPONSE => ("ok", None),
@@ -291,7 +291,7 @@ impl Tracker {
         }
     }
 
-    fn on_error(&mut self, frame: &Frame, done: &mut Vec<Completed>) -> Verdict {
+    fn on_error(&mut self, frame: FrameRef<'_>, done: &mut Vec<Completed>) -> Verdict {
         let sqlstate = backend::decode_error_fields(frame.tag(), frame.body())
             .ok()
             .map(|f| f.code);

@@ -38,15 +38,14 @@ impl AnalysisCache {
     }
 
     pub fn analyze(&self, text: &str) -> Arc<Analysis> {
+        // The exact text first: a text with no number in it (parameters,
+        // prepared statements) is found without scanning it for one.
+        if let Some(hit) = self.lock().exact.get(text) {
+            return Arc::clone(hit);
+        }
         let shaped = shape(text);
-        {
-            let maps = self.lock();
-            if let Some(key) = &shaped {
-                if let Some(hit) = maps.shapes.get(key.as_str()) {
-                    return Arc::clone(hit);
-                }
-            }
-            if let Some(hit) = maps.exact.get(text) {
+        if let Some(key) = &shaped {
+            if let Some(hit) = self.lock().shapes.get(key.as_str()) {
                 return Arc::clone(hit);
             }
         }

@@ -35,6 +35,47 @@ impl Frame {
     pub fn into_buf(self) -> BytesMut {
         self.bytes
     }
+
+    pub fn as_ref(&self) -> FrameRef<'_> {
+        FrameRef { bytes: &self.bytes }
+    }
+}
+
+/// A complete message looked at where it lies in a read buffer: the relay
+/// judges messages in place and forwards the unchanged ones as one run of
+/// bytes, without taking each off the buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameRef<'a> {
+    bytes: &'a [u8],
+}
+
+impl<'a> FrameRef<'a> {
+    /// A complete message as `FrameSplitter::peek` delimited it.
+    pub fn new(bytes: &'a [u8]) -> Self {
+        debug_assert!(bytes.len() >= 5);
+        Self { bytes }
+    }
+
+    pub fn tag(&self) -> u8 {
+        self.bytes[0]
+    }
+
+    /// The message body, without tag and length.
+    pub fn body(&self) -> &'a [u8] {
+        &self.bytes[5..]
+    }
+
+    /// The whole message as it goes on the wire.
+    pub fn as_bytes(&self) -> &'a [u8] {
+        self.bytes
+    }
+
+    /// A copy with its own buffer.
+    pub fn to_frame(&self) -> Frame {
+        Frame {
+            bytes: BytesMut::from(self.bytes),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -60,11 +101,44 @@ impl FrameSplitter {
     /// when more bytes are needed. On `None` the buffer has been reserved for
     /// the rest of the pending frame, so the next read fills it.
     pub fn split(&self, buf: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
-        if buf.len() < 5 {
-            return Ok(None);
+        match self.peek(buf)? {
+            Some(total) => Ok(Some(Frame {
+                bytes: buf.split_to(total),
+            })),
+            None => {
+                self.reserve_pending(buf)?;
+                Ok(None)
+            }
         }
-        let tag = buf[0];
-        let declared = i32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]);
+    }
+
+    /// The length of the complete message at the front of `buf`, or `None`
+    /// when it has not all arrived. Checks the header like `split`.
+    pub fn peek(&self, buf: &[u8]) -> Result<Option<usize>, FrameError> {
+        let Some(total) = self.declared(buf)? else {
+            return Ok(None);
+        };
+        Ok((buf.len() >= total).then_some(total))
+    }
+
+    /// Makes room for the rest of a message whose start is at the front of
+    /// `buf`, so the next read can complete it.
+    pub fn reserve_pending(&self, buf: &mut BytesMut) -> Result<(), FrameError> {
+        if let Some(total) = self.declared(buf)? {
+            if buf.len() < total {
+                buf.reserve(total - buf.len());
+            }
+        }
+        Ok(())
+    }
+
+    /// The total length (tag included) a header declares, checked against
+    /// the limit; `None` before the header is complete.
+    fn declared(&self, buf: &[u8]) -> Result<Option<usize>, FrameError> {
+        let [tag, a, b, c, d, ..] = *buf else {
+            return Ok(None);
+        };
+        let declared = i32::from_be_bytes([a, b, c, d]);
         if declared < 4 {
             return Err(FrameError::BadLength {
                 tag,
@@ -80,13 +154,7 @@ impl FrameSplitter {
                 max: self.max_frame,
             });
         }
-        if buf.len() < total {
-            buf.reserve(total - buf.len());
-            return Ok(None);
-        }
-        Ok(Some(Frame {
-            bytes: buf.split_to(total),
-        }))
+        Ok(Some(total))
     }
 }
 
@@ -136,6 +204,23 @@ mod tests {
             s.split(&mut big),
             Err(FrameError::TooLarge { .. })
         ));
+    }
+
+    #[test]
+    fn peek_delimits_in_place_and_reserve_makes_room_for_the_rest() {
+        let s = FrameSplitter::new(1 << 20);
+        let two = b"S\0\0\0\x04Z\0\0\0\x05I";
+        assert_eq!(s.peek(two).unwrap(), Some(5));
+        assert_eq!(s.peek(&two[5..]).unwrap(), Some(6));
+        assert_eq!(s.peek(&two[5..10]).unwrap(), None);
+        assert_eq!(s.peek(b"Z\0").unwrap(), None);
+        assert!(s.peek(b"Z\0\0\0\x01").is_err());
+        // A 100 000-byte DataRow whose header has arrived: the next read
+        // has room for all of it.
+        let mut buf = BytesMut::from(&b"D\0\x01\x86\xa4ab"[..]);
+        s.reserve_pending(&mut buf).unwrap();
+        assert!(buf.capacity() >= 100_001);
+        assert_eq!(&buf[..], b"D\0\x01\x86\xa4ab");
     }
 
     #[test]

@@ -11,7 +11,7 @@ pub mod frontend;
 pub mod rows;
 pub mod startup;
 
-pub use frame::{Frame, FrameError, FrameSplitter};
+pub use frame::{Frame, FrameError, FrameRef, FrameSplitter};
 
 /// Errors from decoding a single message body.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

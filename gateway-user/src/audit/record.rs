@@ -193,7 +193,7 @@ impl Outcome {
     /// per-field machinery: one runs for every statement.
     pub fn write_json(&self, out: &mut Vec<u8>) -> serde_json::Result<()> {
         out.extend_from_slice(b"{\"status\":");
-        push_json_str(out, self.status)?;
+        push_json_name(out, self.status);
         out.extend_from_slice(b",\"sqlstate\":");
         match &self.sqlstate {
             Some(code) => push_json_str(out, code)?,
@@ -213,6 +213,17 @@ impl Outcome {
         out.push(b'}');
         Ok(())
     }
+}
+
+/// Appends one of the gateway's own names (event, protocol, status), which
+/// never need escaping.
+pub fn push_json_name(out: &mut Vec<u8>, name: &'static str) {
+    debug_assert!(name
+        .bytes()
+        .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\'));
+    out.push(b'"');
+    out.extend_from_slice(name.as_bytes());
+    out.push(b'"');
 }
 
 /// Appends a JSON string: copied as is when nothing in it needs escaping
@@ -297,33 +308,51 @@ pub fn now_rfc3339() -> String {
     rfc3339(time::OffsetDateTime::now_utc())
 }
 
-/// Appends a time in RFC 3339, UTC, with microseconds (the audit's `ts`),
-/// digit by digit: it runs once per record.
-pub fn push_rfc3339(out: &mut Vec<u8>, t: time::OffsetDateTime) {
-    let t = t.to_offset(time::UtcOffset::UTC);
-    fn digits(out: &mut Vec<u8>, v: u32, n: usize) {
-        let mut buf = [b'0'; 10];
-        let mut v = v;
-        for i in (0..n).rev() {
-            buf[i] = b'0' + (v % 10) as u8;
-            v /= 10;
+/// Writes audit timestamps: RFC 3339, UTC, with microseconds. Records come
+/// many per second, so the date and time down to the second are formatted
+/// once per second and reused; only the microseconds are written each time.
+#[derive(Debug, Default)]
+pub struct Stamper {
+    second: Option<i64>,
+    /// `YYYY-MM-DDTHH:MM:SS.`
+    prefix: [u8; 20],
+}
+
+impl Stamper {
+    pub fn push(&mut self, out: &mut Vec<u8>, t: time::OffsetDateTime) {
+        let t = t.to_offset(time::UtcOffset::UTC);
+        let second = t.unix_timestamp();
+        if self.second != Some(second) {
+            let mut p = Vec::with_capacity(20);
+            digits(&mut p, t.year().clamp(0, 9999) as u32, 4);
+            p.push(b'-');
+            digits(&mut p, u32::from(u8::from(t.month())), 2);
+            p.push(b'-');
+            digits(&mut p, u32::from(t.day()), 2);
+            p.push(b'T');
+            digits(&mut p, u32::from(t.hour()), 2);
+            p.push(b':');
+            digits(&mut p, u32::from(t.minute()), 2);
+            p.push(b':');
+            digits(&mut p, u32::from(t.second()), 2);
+            p.push(b'.');
+            self.prefix.copy_from_slice(&p);
+            self.second = Some(second);
         }
-        out.extend_from_slice(&buf[..n]);
+        out.extend_from_slice(&self.prefix);
+        digits(out, t.microsecond(), 6);
+        out.push(b'Z');
     }
-    digits(out, t.year().clamp(0, 9999) as u32, 4);
-    out.push(b'-');
-    digits(out, u32::from(u8::from(t.month())), 2);
-    out.push(b'-');
-    digits(out, u32::from(t.day()), 2);
-    out.push(b'T');
-    digits(out, u32::from(t.hour()), 2);
-    out.push(b':');
-    digits(out, u32::from(t.minute()), 2);
-    out.push(b':');
-    digits(out, u32::from(t.second()), 2);
-    out.push(b'.');
-    digits(out, t.microsecond(), 6);
-    out.push(b'Z');
+}
+
+fn digits(out: &mut Vec<u8>, v: u32, n: usize) {
+    let mut buf = [b'0'; 10];
+    let mut v = v;
+    for i in (0..n).rev() {
+        buf[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+    }
+    out.extend_from_slice(&buf[..n]);
 }
 
 /// A time in RFC 3339, UTC, with microseconds.

@@ -8,7 +8,10 @@ use std::time::Duration;
 
 use tokio::sync::{oneshot, Notify};
 
-use super::record::{push_json_str, DecisionRecord, Outcome, Record, RecordBody, StatementRecord};
+use super::record::{
+    push_json_name, push_json_str, DecisionRecord, Outcome, Record, RecordBody, Stamper,
+    StatementRecord,
+};
 use super::SCHEMA_VERSION;
 
 /// Where audit lines go.
@@ -50,6 +53,7 @@ struct Pending {
     flushes: Vec<oneshot::Sender<()>>,
     /// The writer thread has ended (it never does while the sink lives).
     stopped: bool,
+    stamper: Stamper,
 }
 
 struct Inner {
@@ -102,6 +106,7 @@ impl AuditSink {
                 seq: 0,
                 flushes: Vec::new(),
                 stopped: false,
+                stamper: Stamper::default(),
             }),
             wake: Condvar::new(),
             writer_idle: AtomicBool::new(false),
@@ -157,8 +162,13 @@ impl AuditSink {
             return Ok(false);
         }
         p.seq += 1;
-        let seq = p.seq;
-        append(&mut p.bytes, seq, record);
+        let Pending {
+            bytes,
+            seq,
+            stamper,
+            ..
+        } = &mut *p;
+        append(bytes, *seq, stamper, record);
         drop(p);
         self.wake_writer();
         Ok(true)
@@ -183,19 +193,16 @@ impl AuditSink {
 
 /// Serialises one numbered line onto `out`: the fixed fields, the
 /// session's members (serialised once per session), then the event's own.
-fn append(out: &mut Vec<u8>, seq: u64, record: &Record) {
+fn append(out: &mut Vec<u8>, seq: u64, stamper: &mut Stamper, record: &Record) {
     let start = out.len();
     out.extend_from_slice(b"{\"v\":");
     out.extend_from_slice(itoa::Buffer::new().format(SCHEMA_VERSION).as_bytes());
     out.extend_from_slice(b",\"ts\":\"");
-    super::record::push_rfc3339(out, record.ts);
+    stamper.push(out, record.ts);
     out.extend_from_slice(b"\",\"seq\":");
     out.extend_from_slice(itoa::Buffer::new().format(seq).as_bytes());
     out.extend_from_slice(b",\"event\":");
-    if push_json_str(out, record.event).is_err() {
-        out.truncate(start);
-        return;
-    }
+    push_json_name(out, record.event);
     let members = record.session.members();
     if !members.is_empty() {
         out.push(b',');
@@ -244,7 +251,7 @@ fn statement_members(
     outcome: &Outcome,
 ) -> serde_json::Result<()> {
     out.extend_from_slice(b",\"statement\":{\"protocol\":");
-    push_json_str(out, statement.protocol)?;
+    push_json_name(out, statement.protocol);
     match statement.analysis.statements.get(statement.index) {
         Some(f) => {
             out.push(b',');
@@ -354,7 +361,7 @@ mod tests {
             body,
         );
         let mut out = Vec::new();
-        append(&mut out, 7, &r);
+        append(&mut out, 7, &mut Stamper::default(), &r);
         assert_eq!(out.last(), Some(&b'\n'));
         assert_eq!(out.iter().filter(|b| **b == b'\n').count(), 1);
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
@@ -413,6 +420,26 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn timestamps_reuse_the_second_only_within_it() {
+        let mut stamper = Stamper::default();
+        let t0 =
+            time::OffsetDateTime::from_unix_timestamp_nanos(1_795_781_384_999_999_000).unwrap();
+        for t in [
+            t0,
+            t0 + time::Duration::microseconds(1),
+            t0 - time::Duration::seconds(86_400),
+            t0,
+        ] {
+            let mut out = Vec::new();
+            stamper.push(&mut out, t);
+            assert_eq!(
+                String::from_utf8(out).unwrap(),
+                super::super::record::rfc3339(t)
+            );
         }
     }
 

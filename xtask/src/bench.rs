@@ -222,11 +222,32 @@ fn bulk(port: u16, query: &str, copy: bool) -> Result<(f64, u64)> {
     })
 }
 
-fn start_gateway(db: &Cluster, dir: &Path, name: &str, policy: &Path) -> Result<(Proc, u16)> {
+/// The proxy's command, run on its own or under callgrind writing its
+/// instruction counts to `callgrind`.
+fn proxy_command(program: &Path, callgrind: Option<&Path>) -> Command {
+    match callgrind {
+        None => Command::new(program),
+        Some(out) => {
+            let mut c = Command::new("valgrind");
+            c.args(["--tool=callgrind", "--quiet"])
+                .arg(format!("--callgrind-out-file={}", out.display()))
+                .arg(program);
+            c
+        }
+    }
+}
+
+fn start_gateway(
+    db: &Cluster,
+    dir: &Path,
+    name: &str,
+    policy: &Path,
+    callgrind: Option<&Path>,
+) -> Result<(Proc, u16)> {
     let port = agentgate_tests::free_port();
     let pw = dir.join("pw");
     std::fs::write(&pw, GW_PASSWORD)?;
-    let child = Command::new(root().join("target/release/agentgate"))
+    let child = proxy_command(&root().join("target/release/agentgate"), callgrind)
         .args(["run", "--listen", &format!("127.0.0.1:{port}")])
         .args(["--upstream", &db.addr(), "--upstream-user", GW_USER])
         .arg("--upstream-password-file")
@@ -262,9 +283,9 @@ fn policy_with_mask(
     Ok(dir.to_path_buf())
 }
 
-fn start_pgbouncer(db: &Cluster, dir: &Path) -> Result<(Proc, u16)> {
+fn start_pgbouncer(db: &Cluster, dir: &Path, callgrind: Option<&Path>) -> Result<(Proc, u16)> {
     let port = agentgate_tests::free_port();
-    let d = dir.join("pgbouncer");
+    let d = dir.join(format!("pgbouncer-{port}"));
     std::fs::create_dir_all(&d)?;
     std::fs::write(
         d.join("pgbouncer.ini"),
@@ -282,7 +303,7 @@ fn start_pgbouncer(db: &Cluster, dir: &Path) -> Result<(Proc, u16)> {
         d.join("users.txt"),
         format!("\"{SUPERUSER}\" \"\"\n\"{GW_USER}\" \"{GW_PASSWORD}\"\n"),
     )?;
-    let mut cmd = Command::new("pgbouncer");
+    let mut cmd = proxy_command(Path::new("/usr/sbin/pgbouncer"), callgrind);
     cmd.arg(d.join("pgbouncer.ini"))
         .stdout(Stdio::null())
         .stderr(Stdio::null());
@@ -333,7 +354,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     ));
     db.psql_super("VACUUM ANALYZE bulk");
 
-    let (bouncer, bouncer_port) = start_pgbouncer(&db, w)?;
+    let (bouncer, bouncer_port) = start_pgbouncer(&db, w, None)?;
     let allow_all = root().join("policies/examples/allow-all.yaml");
     // The default policy plus a masking rule on one column of
     // pgbench_accounts (one the select-only statement does not read, so
@@ -351,9 +372,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "bench-bulk",
         "public.bulk.a, public.bulk.b",
     )?;
-    let (gw_all, gw_all_port) = start_gateway(&db, w, "agentgate-allow-all", &allow_all)?;
-    let (gw_def, gw_def_port) = start_gateway(&db, w, "agentgate-default", &default)?;
-    let (gw_mask, gw_mask_port) = start_gateway(&db, w, "agentgate-masked", &masked)?;
+    let (gw_all, gw_all_port) = start_gateway(&db, w, "agentgate-allow-all", &allow_all, None)?;
+    let (gw_def, gw_def_port) = start_gateway(&db, w, "agentgate-default", &default, None)?;
+    let (gw_mask, gw_mask_port) = start_gateway(&db, w, "agentgate-masked", &masked, None)?;
     let configs = [
         Config {
             name: "direct",
@@ -502,6 +523,43 @@ pub fn run(args: BenchArgs) -> Result<()> {
         }
     }
 
+    // Instructions per transaction under callgrind, beside pgbouncer's.
+    let mut instructions = Vec::new();
+    if selected(INSTRUCTIONS) {
+        let cg = w.join("callgrind");
+        std::fs::create_dir_all(&cg)?;
+        if agentgate_tests::is_root() {
+            // pgbouncer runs as nobody and writes its counts here too.
+            std::os::unix::fs::chown(&cg, Some(65534), Some(65534))?;
+        }
+        type Start<'a> = Box<dyn Fn(&Path) -> Result<(Proc, u16)> + 'a>;
+        let proxies: [(&str, Start); 3] = [
+            (
+                "pgbouncer",
+                Box::new(|out| start_pgbouncer(&db, &cg, Some(out))),
+            ),
+            (
+                "agentgate",
+                Box::new(|out| start_gateway(&db, &cg, "cg-allow-all", &allow_all, Some(out))),
+            ),
+            (
+                "agentgate+default",
+                Box::new(|out| start_gateway(&db, &cg, "cg-default", &default, Some(out))),
+            ),
+        ];
+        for mode in ["simple", "extended", "prepared"] {
+            for (name, start) in &proxies {
+                let n = instructions_per_tx(start, mode, &cg.join(format!("{name}-{mode}")))?;
+                eprintln!("bench: {INSTRUCTIONS} / select-only {mode} / {name}: {n:.0}");
+                instructions.push(Instructions {
+                    mode,
+                    config: name,
+                    per_transaction: n,
+                });
+            }
+        }
+    }
+
     // Memory: peak RSS so far, then RSS with idle clients open.
     let peak_kib = status_kib(gw_all.0.id(), "VmHWM:");
     let before_kib = status_kib(gw_all.0.id(), "VmRSS:");
@@ -516,6 +574,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
 
     let summary = summarise(&runs);
     print_table(&summary, peak_kib, with_idle_kib, per_idle_kib, args.idle);
+    print_instructions(&instructions);
     let out = root().join("target/bench");
     std::fs::create_dir_all(&out)?;
     let stamp = std::time::SystemTime::now()
@@ -529,6 +588,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "rounds": args.rounds,
         "runs": runs,
         "summary": summary,
+        "instructions_per_transaction": instructions,
         "memory": {
             "peak_rss_kib": peak_kib,
             "rss_with_idle_kib": with_idle_kib,
@@ -609,6 +669,101 @@ fn summarise(runs: &[Run]) -> Vec<Summary> {
 fn opt(v: Option<f64>, digits: usize) -> String {
     v.map(|x| format!("{x:.digits$}"))
         .unwrap_or_else(|| "-".into())
+}
+
+const INSTRUCTIONS: &str = "instructions per transaction";
+
+#[derive(Debug, serde::Serialize)]
+struct Instructions {
+    mode: &'static str,
+    config: &'static str,
+    per_transaction: f64,
+}
+
+/// The instructions a proxy runs per select-only transaction (8 clients),
+/// counted by callgrind. Unlike time, the count does not move with what
+/// else the machine is doing, so it compares the proxies' own work exactly.
+/// Two runs, `SHORT` and `LONG` transactions per client, each with its own
+/// start-up and eight logins: their difference is the transactions alone.
+fn instructions_per_tx(
+    start: &dyn Fn(&Path) -> Result<(Proc, u16)>,
+    mode: &str,
+    prefix: &Path,
+) -> Result<f64> {
+    const CLIENTS: u64 = 8;
+    const SHORT: u64 = 100;
+    const LONG: u64 = 1100;
+    let mut totals = [0u64; 2];
+    for (i, per_client) in [SHORT, LONG].into_iter().enumerate() {
+        let out = prefix.with_extension(format!("{i}.out"));
+        let (proxy, port) = start(&out)?;
+        let run = Command::new(format!("{PG_BIN}/pgbench"))
+            .args(["-n", "-h", "127.0.0.1", "-p", &port.to_string()])
+            .args(["-U", SUPERUSER, "-c", &CLIENTS.to_string(), "-j", "2"])
+            .args(["-t", &per_client.to_string(), "-S", "-M", mode, "postgres"])
+            .env("PGPASSWORD", GW_PASSWORD)
+            .output()
+            .context("run pgbench")?;
+        if !run.status.success() {
+            bail!(
+                "pgbench under callgrind ({mode}): {}",
+                String::from_utf8_lossy(&run.stderr)
+            );
+        }
+        stop(proxy)?;
+        let text = std::fs::read_to_string(&out)
+            .with_context(|| format!("read callgrind output {}", out.display()))?;
+        totals[i] = text
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("summary:")
+                    .or_else(|| l.strip_prefix("totals:"))
+            })
+            .and_then(|v| v.trim().parse().ok())
+            .with_context(|| format!("no instruction total in {}", out.display()))?;
+    }
+    Ok(totals[1].saturating_sub(totals[0]) as f64 / (CLIENTS * (LONG - SHORT)) as f64)
+}
+
+/// Stops a proxy with SIGTERM and waits, so callgrind writes its counts.
+fn stop(mut proxy: Proc) -> Result<()> {
+    exec(Command::new("kill").args(["-TERM", &proxy.0.id().to_string()]))?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while proxy.0.try_wait()?.is_none() {
+        if Instant::now() > deadline {
+            bail!("proxy {} did not stop within 60 s", proxy.0.id());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+fn print_instructions(rows: &[Instructions]) {
+    use std::io::Write;
+    if rows.is_empty() {
+        return;
+    }
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(
+        out,
+        "\n| {INSTRUCTIONS} (callgrind), select-only, 8 clients | config | instructions | ratio to pgbouncer |"
+    );
+    let _ = writeln!(out, "|---|---|---:|---:|");
+    for r in rows {
+        let base = rows
+            .iter()
+            .find(|b| b.mode == r.mode && b.config == "pgbouncer")
+            .map(|b| b.per_transaction)
+            .filter(|b| *b > 0.0);
+        let _ = writeln!(
+            out,
+            "| {} | {} | {:.0} | {} |",
+            r.mode,
+            r.config,
+            r.per_transaction,
+            opt(base.map(|b| r.per_transaction / b), 2)
+        );
+    }
 }
 
 fn print_table(s: &[Summary], peak: u64, idle_rss: u64, per_idle: f64, idle: usize) {

@@ -8,7 +8,8 @@ use anyhow::{bail, Result};
 use crate::exec;
 
 /// Debian packages: libclang for pg_query's bindgen, the PostgreSQL 15
-/// server and clients the tests start, pgbouncer for the benchmark.
+/// server and clients the tests start, pgbouncer and valgrind for the
+/// benchmark.
 const DEBIAN_PACKAGES: &[&str] = &[
     "libclang-dev",
     // bpf-linker links the probes against LLVM 22.
@@ -18,6 +19,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "postgresql-15",
     "postgresql-client-15",
     "pgbouncer",
+    // The benchmark counts the proxies' instructions with callgrind.
+    "valgrind",
     "iproute2",
     "bpftool",
     "util-linux",

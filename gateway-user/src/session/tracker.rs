@@ -118,6 +118,8 @@ pub struct Tracker {
     /// Whether row shapes are needed (the session masks something); when
     /// not, RowDescriptions are not decoded at all.
     pub masking: bool,
+    /// The last RowDescription's bytes and what they decoded to.
+    last_shape: Option<(Vec<u8>, Arc<Vec<Field>>)>,
 }
 
 fn outcome(status: &'static str, started: Instant) -> Outcome {
@@ -164,9 +166,8 @@ impl Tracker {
             backend::CLOSE_COMPLETE => self.pop_if(|e| matches!(e, Expect::Close)),
             backend::ROW_DESCRIPTION | backend::NO_DATA => {
                 let fields = (self.masking && frame.tag() == backend::ROW_DESCRIPTION)
-                    .then(|| rows::decode_row_description(frame.body()).ok())
-                    .flatten()
-                    .map(std::sync::Arc::new);
+                    .then(|| self.row_shape(frame.body()))
+                    .flatten();
                 if let Some(Expect::Describe { target, hidden }) = self.queue.front() {
                     let hidden = *hidden;
                     match fields {
@@ -207,6 +208,19 @@ impl Tracker {
             _ => {}
         }
         Verdict::Forward
+    }
+
+    /// A RowDescription decoded, or the last one again when the server sent
+    /// the same bytes (a driver describing each execution of one statement).
+    fn row_shape(&mut self, body: &[u8]) -> Option<Arc<Vec<Field>>> {
+        if let Some((bytes, fields)) = &self.last_shape {
+            if bytes.as_slice() == body {
+                return Some(Arc::clone(fields));
+            }
+        }
+        let fields = Arc::new(rows::decode_row_description(body).ok()?);
+        self.last_shape = Some((body.to_vec(), Arc::clone(&fields)));
+        Some(fields)
     }
 
     /// What the queue's head is.

@@ -158,7 +158,25 @@ impl Tracker {
         self.queue.push_back(expect);
     }
 
-    /// Accounts for one backend message.
+    /// Whether `on_backend` does anything with messages of this type (the
+    /// relay passes the others, rows above all, without taking the lock).
+    pub fn follows(tag: u8) -> bool {
+        matches!(
+            tag,
+            backend::PARSE_COMPLETE
+                | backend::BIND_COMPLETE
+                | backend::CLOSE_COMPLETE
+                | backend::ROW_DESCRIPTION
+                | backend::NO_DATA
+                | backend::COMMAND_COMPLETE
+                | backend::EMPTY_QUERY_RESPONSE
+                | backend::PORTAL_SUSPENDED
+                | backend::ERROR_RESPONSE
+                | backend::READY_FOR_QUERY
+        )
+    }
+
+    /// Accounts for one backend message; `follows` lists the types it reads.
     pub fn on_backend(&mut self, frame: FrameRef<'_>, done: &mut Vec<Completed>) -> Verdict {
         match frame.tag() {
             backend::PARSE_COMPLETE => self.pop_if(|e| matches!(e, Expect::Parse(_))),
@@ -406,5 +424,50 @@ fn finish(e: Expect, status: &'static str, done: &mut Vec<Completed>) {
             statement: s,
             outcome: o,
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::frame::encode_frame;
+
+    fn execute() -> Expect {
+        Expect::Execute(PendingStatement {
+            protocol: "extended",
+            analysis: Arc::new(crate::sql::analyze("SELECT 1")),
+            index: 0,
+            bytes: 8,
+            prepared: None,
+            decision: Decision::unparseable(),
+            started: Instant::now(),
+            rows: RowSource::NoData,
+            portal: None,
+            formats: ResultFormats::default(),
+        })
+    }
+
+    #[test]
+    fn messages_it_does_not_follow_change_nothing() {
+        let mut t = Tracker {
+            masking: true,
+            ..Tracker::default()
+        };
+        let mut done = Vec::new();
+        t.push(execute(), &mut done);
+        for tag in (0..=u8::MAX).filter(|t| !Tracker::follows(*t)) {
+            let f = encode_frame(tag, |b| b.extend_from_slice(b"x\0"));
+            assert!(matches!(
+                t.on_backend(f.as_ref(), &mut done),
+                Verdict::Forward
+            ));
+            assert_eq!((t.queue.len(), done.len()), (1, 0), "tag {tag}");
+        }
+        let complete = encode_frame(backend::COMMAND_COMPLETE, |b| {
+            b.extend_from_slice(b"SELECT 1\0")
+        });
+        t.on_backend(complete.as_ref(), &mut done);
+        assert_eq!((t.queue.len(), done.len()), (0, 1));
+        assert_eq!(done[0].outcome.rows, Some(1));
     }
 }

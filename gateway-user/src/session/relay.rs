@@ -345,16 +345,26 @@ impl Relay {
                     return Ok(Pass::Replace(self.deny_extended(pending, &decision, done)));
                 }
                 state.track_sql_prepares(&analysis, parse.query.len(), &decision);
-                state.statements.insert(
-                    parse.statement.to_owned(),
-                    Arc::new(Prepared {
-                        analysis,
-                        index: 0,
-                        bytes: parse.query.len(),
-                        name: Arc::from(parse.statement),
-                        decision,
-                    }),
-                );
+                // Drivers re-parse the unnamed statement with the same text
+                // for every execution: the entry it would get is the one
+                // already there.
+                let same = state.statements.get(parse.statement).is_some_and(|p| {
+                    Arc::ptr_eq(&p.analysis, &analysis)
+                        && p.bytes == parse.query.len()
+                        && p.decision == decision
+                });
+                if !same {
+                    state.statements.insert(
+                        parse.statement.to_owned(),
+                        Arc::new(Prepared {
+                            analysis,
+                            index: 0,
+                            bytes: parse.query.len(),
+                            name: Arc::from(parse.statement),
+                            decision,
+                        }),
+                    );
+                }
                 if !state.described.is_empty() {
                     state
                         .described

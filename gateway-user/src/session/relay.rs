@@ -456,7 +456,11 @@ impl Relay {
                     Target::Statement(n) => Described::Statement(n.to_owned()),
                     Target::Portal(n) => Described::Portal(n.to_owned()),
                 };
-                state.described.insert(target.clone());
+                // Only masking asks which portals were described; a session
+                // that starts masking later may describe one portal twice.
+                if !state.judge.mask.is_empty() {
+                    state.described.insert(target.clone());
+                }
                 Expect::Describe {
                     target,
                     hidden: false,

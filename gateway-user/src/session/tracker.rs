@@ -192,6 +192,7 @@ impl Tracker {
                         Some(f) => {
                             self.descriptions.insert(target.clone(), f);
                         }
+                        None if self.descriptions.is_empty() => {}
                         None => {
                             self.descriptions.remove(target);
                         }

@@ -87,11 +87,10 @@ pub fn shape(text: &str) -> Option<String> {
             }
             _ if c.is_ascii_alphabetic() || c == b'_' || c >= 0x80 => {
                 // An identifier or keyword, digits and all.
-                while b.get(i).is_some_and(|x| {
-                    x.is_ascii_alphanumeric() || matches!(x, b'_' | b'$') || *x >= 0x80
-                }) {
-                    i += 1;
-                }
+                i += b[i..]
+                    .iter()
+                    .position(|&x| !IDENT[usize::from(x)])
+                    .unwrap_or(b.len() - i);
                 // `E'..'`, `B'..'`, `X'..'`, `U&'..'` are handled at the quote.
             }
             _ => i += 1,
@@ -103,11 +102,21 @@ pub fn shape(text: &str) -> Option<String> {
     String::from_utf8(o).ok()
 }
 
-fn ident_char_before(b: &[u8], i: usize) -> bool {
-    i > 0 && {
-        let p = b[i - 1];
-        p.is_ascii_alphanumeric() || p == b'_' || p == b'$' || p >= 0x80
+/// Bytes that continue an identifier or keyword: letters, digits, `_`, `$`
+/// and every byte of a multi-byte character.
+const IDENT: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut i = 0;
+    while i < 256 {
+        let c = i as u8;
+        t[i] = c.is_ascii_alphanumeric() || c == b'_' || c == b'$' || c >= 0x80;
+        i += 1;
     }
+    t
+};
+
+fn ident_char_before(b: &[u8], i: usize) -> bool {
+    i > 0 && IDENT[usize::from(b[i - 1])]
 }
 
 /// Index just past the closing quote; `None` when unterminated.

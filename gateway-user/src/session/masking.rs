@@ -30,7 +30,7 @@ struct CopyRequest {
 }
 
 /// What a row plan was made from: the same key gives the same plan.
-#[derive(PartialEq, Eq, Hash)]
+#[derive(Clone, PartialEq, Eq, Hash)]
 struct PlanKey {
     fields: Arc<Vec<Field>>,
     /// The lineage's address (kept alive by the cached entry's key holder).
@@ -38,6 +38,9 @@ struct PlanKey {
     set: usize,
     generation: u64,
 }
+
+/// A plan with the lineage and mask set its key points at.
+type CachedPlan = (Arc<RowPlan>, RowSource, Arc<MaskSet>);
 
 /// Plans of recent results: a driver sends the same statements over and
 /// over, and their plans only change with the catalog or the policy.
@@ -49,12 +52,13 @@ pub struct ResultMasker {
     plan: Option<Arc<RowPlan>>,
     copy: Option<CopyMasker>,
     counts: Counts,
+    /// The last plan looked up, checked before the map: a driver usually
+    /// runs one statement shape many times in a row (and the row shape is
+    /// then the same `Arc`, so the comparison is a pointer check). Holds
+    /// what its key points at alive, like the map's entries.
+    last: Option<(PlanKey, CachedPlan)>,
     /// Each entry keeps the lineage and mask set its key points at alive.
-    plans: std::collections::HashMap<
-        PlanKey,
-        (Arc<RowPlan>, RowSource, Arc<MaskSet>),
-        foldhash::fast::RandomState,
-    >,
+    plans: std::collections::HashMap<PlanKey, CachedPlan, foldhash::fast::RandomState>,
 }
 
 impl ResultMasker {
@@ -131,8 +135,15 @@ impl ResultMasker {
             _ => None,
         };
         if let Some(k) = &key {
-            if let Some((plan, _, _)) = self.plans.get(k) {
-                self.plan = Some(Arc::clone(plan));
+            if let Some((last, (plan, _, _))) = &self.last {
+                if last == k {
+                    self.plan = Some(Arc::clone(plan));
+                    return;
+                }
+            }
+            if let Some(cached) = self.plans.get(k) {
+                self.plan = Some(Arc::clone(&cached.0));
+                self.last = Some((k.clone(), cached.clone()));
                 return;
             }
         }
@@ -145,8 +156,9 @@ impl ResultMasker {
             // Filling the catalog may have moved its generation: the plan
             // belongs to the state after the lookup.
             k.generation = self.catalog.as_ref().map_or(0, |c| c.generation());
-            self.plans
-                .insert(k, (Arc::clone(plan), rows, Arc::clone(set)));
+            let cached = (Arc::clone(plan), rows, Arc::clone(set));
+            self.last = Some((k.clone(), cached.clone()));
+            self.plans.insert(k, cached);
         }
     }
 

@@ -138,14 +138,29 @@ impl Cluster {
             ),
         )
         .expect("write pg_hba.conf");
-        let c = Cluster {
+        let mut c = Cluster {
             dir,
             port,
             host,
             netns: opts.netns.clone(),
             tls,
         };
-        c.pg_ctl("start");
+        // A port found free can be taken before the server binds it (by
+        // another test's client connection, say): then start on another.
+        let mut attempts = if opts.listen.is_none() { 5 } else { 1 };
+        loop {
+            attempts -= 1;
+            if c.try_pg_ctl("start") {
+                break;
+            }
+            let log = std::fs::read_to_string(c.dir.path().join("server.log")).unwrap_or_default();
+            assert!(
+                attempts > 0 && log.contains("could not bind"),
+                "pg_ctl start failed:\n{log}"
+            );
+            c.port = crate::free_port();
+            append("postgresql.conf", &format!("port = {}\n", c.port));
+        }
         c.psql_super(&format!(
             "CREATE EXTENSION pg_stat_statements;
              CREATE ROLE {GW_USER} LOGIN SUPERUSER PASSWORD '{GW_PASSWORD}';
@@ -164,6 +179,14 @@ impl Cluster {
     }
 
     pub fn pg_ctl(&self, action: &str) {
+        assert!(
+            self.try_pg_ctl(action),
+            "pg_ctl {action} failed; see {}",
+            self.dir.path().join("server.log").display()
+        );
+    }
+
+    fn try_pg_ctl(&self, action: &str) -> bool {
         // nsenter needs root; the server must not run as root: enter the
         // namespace first, then drop to the owner with setpriv.
         let mut cmd = match &self.netns {
@@ -196,12 +219,7 @@ impl Cluster {
         if action == "stop" {
             cmd.args(["-m", "fast"]);
         }
-        let status = cmd.status().expect("run pg_ctl");
-        assert!(
-            status.success(),
-            "pg_ctl {action} failed; see {}",
-            self.dir.path().join("server.log").display()
-        );
+        cmd.status().expect("run pg_ctl").success()
     }
 
     /// Runs SQL as the superuser over the Unix socket and returns stdout

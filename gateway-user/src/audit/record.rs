@@ -322,24 +322,25 @@ impl Stamper {
     pub fn push(&mut self, out: &mut Vec<u8>, t: time::OffsetDateTime) {
         let t = t.to_offset(time::UtcOffset::UTC);
         let second = t.unix_timestamp();
-        if self.second != Some(second) {
-            let mut p = Vec::with_capacity(20);
-            digits(&mut p, t.year().clamp(0, 9999) as u32, 4);
-            p.push(b'-');
-            digits(&mut p, u32::from(u8::from(t.month())), 2);
-            p.push(b'-');
-            digits(&mut p, u32::from(t.day()), 2);
-            p.push(b'T');
-            digits(&mut p, u32::from(t.hour()), 2);
-            p.push(b':');
-            digits(&mut p, u32::from(t.minute()), 2);
-            p.push(b':');
-            digits(&mut p, u32::from(t.second()), 2);
-            p.push(b'.');
-            self.prefix.copy_from_slice(&p);
+        if self.second == Some(second) {
+            out.extend_from_slice(&self.prefix);
+        } else {
+            let start = out.len();
+            digits(out, t.year().clamp(0, 9999) as u32, 4);
+            out.push(b'-');
+            digits(out, u32::from(u8::from(t.month())), 2);
+            out.push(b'-');
+            digits(out, u32::from(t.day()), 2);
+            out.push(b'T');
+            digits(out, u32::from(t.hour()), 2);
+            out.push(b':');
+            digits(out, u32::from(t.minute()), 2);
+            out.push(b':');
+            digits(out, u32::from(t.second()), 2);
+            out.push(b'.');
+            self.prefix.copy_from_slice(&out[start..]);
             self.second = Some(second);
         }
-        out.extend_from_slice(&self.prefix);
         digits(out, t.microsecond(), 6);
         out.push(b'Z');
     }

@@ -98,12 +98,6 @@ impl Outbox {
         self.push_bytes(frame.into_buf());
     }
 
-    fn push_opt(&mut self, frame: Option<Frame>) {
-        if let Some(f) = frame {
-            self.push(f);
-        }
-    }
-
     /// Whole messages taken off the front of a read buffer.
     fn push_bytes(&mut self, bytes: BytesMut) {
         if !bytes.is_empty() {
@@ -111,11 +105,11 @@ impl Outbox {
         }
     }
 
-    /// Moves the first `n` bytes of `buf` (messages going through
-    /// unchanged) here.
-    fn take_from(&mut self, buf: &mut BytesMut, n: usize) {
-        if n > 0 {
-            self.push_bytes(buf.split_to(n));
+    /// Moves the `kept` bytes at the front of `buf` (messages judged and
+    /// going through unchanged) here, leaving `kept` at zero.
+    fn take_kept(&mut self, buf: &mut BytesMut, kept: &mut usize) {
+        if *kept > 0 {
+            self.push_bytes(buf.split_to(std::mem::take(kept)));
         }
     }
 
@@ -237,13 +231,13 @@ impl Relay {
                 match (pass, state.inject.take()) {
                     (Pass::Forward, None) => kept += total,
                     (pass, inject) => {
-                        out.take_from(&mut buf, kept);
-                        kept = 0;
+                        out.take_kept(&mut buf, &mut kept);
                         if let Some(pre) = inject {
                             out.push(pre);
                         }
                         match pass {
-                            Pass::Forward => out.take_from(&mut buf, total),
+                            // Now at the front of `buf`: it starts the next run.
+                            Pass::Forward => kept = total,
                             Pass::Replace(f) => {
                                 buf.advance(total);
                                 out.push(f);
@@ -255,7 +249,7 @@ impl Relay {
                     break;
                 }
             }
-            out.take_from(&mut buf, kept);
+            out.take_kept(&mut buf, &mut kept);
             if let Err(e) = splitter.reserve_pending(&mut buf) {
                 return e.into();
             }
@@ -658,18 +652,17 @@ impl Relay {
                 match (verdict, masked) {
                     (Verdict::Forward, None) => kept += total,
                     (verdict, masked) => {
-                        out.take_from(&mut buf, kept);
-                        kept = 0;
+                        out.take_kept(&mut buf, &mut kept);
                         buf.advance(total);
-                        match verdict {
-                            Verdict::Forward => out.push_opt(masked),
-                            Verdict::Replace(f) => out.push(f),
-                            Verdict::Drop => {}
+                        match (verdict, masked) {
+                            (Verdict::Forward, Some(m)) => out.push(m),
+                            (Verdict::Replace(f), _) => out.push(f),
+                            (Verdict::Forward, None) | (Verdict::Drop, _) => {}
                         }
                     }
                 }
             }
-            out.take_from(&mut buf, kept);
+            out.take_kept(&mut buf, &mut kept);
             if let Err(e) = splitter.reserve_pending(&mut buf) {
                 return End::Io(format!("database sent a bad frame: {e}"));
             }

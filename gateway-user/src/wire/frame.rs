@@ -69,13 +69,6 @@ impl<'a> FrameRef<'a> {
     pub fn as_bytes(&self) -> &'a [u8] {
         self.bytes
     }
-
-    /// A copy with its own buffer.
-    pub fn to_frame(&self) -> Frame {
-        Frame {
-            bytes: BytesMut::from(self.bytes),
-        }
-    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

@@ -287,6 +287,11 @@ fn start_pgbouncer(db: &Cluster, dir: &Path, callgrind: Option<&Path>) -> Result
     let port = agentgate_tests::free_port();
     let d = dir.join(format!("pgbouncer-{port}"));
     std::fs::create_dir_all(&d)?;
+    // pgbouncer appends; a port used again must not count an earlier run's logins.
+    match std::fs::remove_file(d.join("pgbouncer.log")) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+        _ => {}
+    }
     std::fs::write(
         d.join("pgbouncer.ini"),
         format!(

@@ -12,7 +12,7 @@ mod writer;
 
 pub use record::{
     now_rfc3339, Actor, DecisionRecord, Outcome, PolicyReloadRecord, Record, RecordBody,
-    SessionInfo, Source, StatementRecord, Target,
+    SessionInfo, Source, StatementRecord, StatementRef, Target,
 };
 pub use writer::{AuditError, AuditSink, AuditTarget};
 

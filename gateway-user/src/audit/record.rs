@@ -104,6 +104,28 @@ pub struct StatementRecord {
     pub prepared: Option<Arc<str>>,
 }
 
+impl StatementRecord {
+    pub fn as_ref(&self) -> StatementRef<'_> {
+        StatementRef {
+            protocol: self.protocol,
+            analysis: &self.analysis,
+            index: self.index,
+            bytes: self.bytes,
+            prepared: self.prepared.as_deref(),
+        }
+    }
+}
+
+/// A statement's audited facts, borrowed from wherever they are kept.
+#[derive(Debug, Clone, Copy)]
+pub struct StatementRef<'a> {
+    pub protocol: &'static str,
+    pub analysis: &'a crate::sql::Analysis,
+    pub index: usize,
+    pub bytes: usize,
+    pub prepared: Option<&'a str>,
+}
+
 impl Serialize for StatementRecord {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeStruct;
@@ -142,8 +164,18 @@ pub struct DecisionRecord(pub crate::policy::Decision);
 
 impl Serialize for DecisionRecord {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        DecisionView(&self.0).serialize(s)
+    }
+}
+
+/// A decision serialised where it lies (the relay audits its own records
+/// without moving them into a `Record`).
+struct DecisionView<'a>(&'a crate::policy::Decision);
+
+impl Serialize for DecisionView<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeStruct;
-        let d = &self.0;
+        let d = self.0;
         let mut st = s.serialize_struct("DecisionRecord", 6)?;
         st.serialize_field("action", &d.action)?;
         st.serialize_field("rule", &*d.rule)?;
@@ -161,10 +193,14 @@ impl DecisionRecord {
     /// The serialised object, made once per decision and shared by its
     /// clones.
     pub fn json(&self) -> &str {
-        self.0
-            .audit_form
-            .get_or_init(|| serde_json::to_string(self).unwrap_or_else(|_| "null".into()))
+        decision_json(&self.0)
     }
+}
+
+/// A decision's serialised object, made once and shared by its clones.
+pub fn decision_json(d: &crate::policy::Decision) -> &str {
+    d.audit_form
+        .get_or_init(|| serde_json::to_string(&DecisionView(d)).unwrap_or_else(|_| "null".into()))
 }
 
 impl From<&crate::policy::Decision> for DecisionRecord {

@@ -9,10 +9,11 @@ use std::time::Duration;
 use tokio::sync::{oneshot, Notify};
 
 use super::record::{
-    push_json_name, push_json_str, DecisionRecord, Outcome, Record, RecordBody, Stamper,
-    StatementRecord,
+    decision_json, push_json_name, push_json_str, Outcome, Record, RecordBody, SessionInfo,
+    Stamper, StatementRef,
 };
 use super::SCHEMA_VERSION;
+use crate::policy::Decision;
 
 /// Where audit lines go.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -154,6 +155,32 @@ impl AuditSink {
     /// Appends a record if the buffer has room (the usual case, with no
     /// future to set up); false when the caller must wait with `emit`.
     pub fn try_emit(&self, record: &Record) -> Result<bool, AuditError> {
+        self.try_append(|out, seq, stamper| append(out, seq, stamper, record))
+    }
+
+    /// `try_emit` for a statement's line, from borrowed parts: the relay's
+    /// path, where building a `Record` would only move and drop them.
+    pub fn try_emit_statement(
+        &self,
+        session: &SessionInfo,
+        statement: StatementRef<'_>,
+        decision: &Decision,
+        outcome: &Outcome,
+    ) -> Result<bool, AuditError> {
+        let ts = time::OffsetDateTime::now_utc();
+        self.try_append(|out, seq, stamper| {
+            let start = out.len();
+            head(out, seq, stamper, ts, "statement", session);
+            finish_statement(out, start, statement, decision, outcome);
+        })
+    }
+
+    /// Numbers one line and lets `write` append it, unless the buffer is
+    /// full (false) or the writer has stopped.
+    fn try_append(
+        &self,
+        write: impl FnOnce(&mut Vec<u8>, u64, &mut Stamper),
+    ) -> Result<bool, AuditError> {
         let mut p = self.lock();
         if p.stopped {
             return Err(AuditError::Stopped);
@@ -168,7 +195,7 @@ impl AuditSink {
             stamper,
             ..
         } = &mut *p;
-        append(bytes, *seq, stamper, record);
+        write(bytes, *seq, stamper);
         drop(p);
         self.wake_writer();
         Ok(true)
@@ -195,33 +222,14 @@ impl AuditSink {
 /// session's members (serialised once per session), then the event's own.
 fn append(out: &mut Vec<u8>, seq: u64, stamper: &mut Stamper, record: &Record) {
     let start = out.len();
-    out.extend_from_slice(b"{\"v\":");
-    out.extend_from_slice(itoa::Buffer::new().format(SCHEMA_VERSION).as_bytes());
-    out.extend_from_slice(b",\"ts\":\"");
-    stamper.push(out, record.ts);
-    out.extend_from_slice(b"\",\"seq\":");
-    out.extend_from_slice(itoa::Buffer::new().format(seq).as_bytes());
-    out.extend_from_slice(b",\"event\":");
-    push_json_name(out, record.event);
-    let members = record.session.members();
-    if !members.is_empty() {
-        out.push(b',');
-        out.extend_from_slice(members.as_bytes());
-    }
+    head(out, seq, stamper, record.ts, record.event, &record.session);
     if let RecordBody::Statement {
         statement,
         decision,
         outcome,
     } = &record.body
     {
-        // The common record: the statement's audited facts were serialised
-        // once, when first audited.
-        if statement_members(out, statement, decision, outcome).is_err() {
-            out.truncate(start);
-            tracing::error!("audit record could not be serialised");
-            return;
-        }
-        out.extend_from_slice(b"}\n");
+        finish_statement(out, start, statement.as_ref(), &decision.0, outcome);
         return;
     }
     let body = out.len();
@@ -242,12 +250,54 @@ fn append(out: &mut Vec<u8>, seq: u64, stamper: &mut Stamper, record: &Record) {
     out.push(b'\n');
 }
 
+/// The members every line starts with, the session's included.
+fn head(
+    out: &mut Vec<u8>,
+    seq: u64,
+    stamper: &mut Stamper,
+    ts: time::OffsetDateTime,
+    event: &'static str,
+    session: &SessionInfo,
+) {
+    out.extend_from_slice(b"{\"v\":");
+    out.extend_from_slice(itoa::Buffer::new().format(SCHEMA_VERSION).as_bytes());
+    out.extend_from_slice(b",\"ts\":\"");
+    stamper.push(out, ts);
+    out.extend_from_slice(b"\",\"seq\":");
+    out.extend_from_slice(itoa::Buffer::new().format(seq).as_bytes());
+    out.extend_from_slice(b",\"event\":");
+    push_json_name(out, event);
+    let members = session.members();
+    if !members.is_empty() {
+        out.push(b',');
+        out.extend_from_slice(members.as_bytes());
+    }
+}
+
+/// The rest of a statement's line (the common record: its audited facts
+/// were serialised once, when first audited); a line that cannot be
+/// finished is taken back from `start`.
+fn finish_statement(
+    out: &mut Vec<u8>,
+    start: usize,
+    statement: StatementRef<'_>,
+    decision: &Decision,
+    outcome: &Outcome,
+) {
+    if statement_members(out, statement, decision, outcome).is_err() {
+        out.truncate(start);
+        tracing::error!("audit record could not be serialised");
+        return;
+    }
+    out.extend_from_slice(b"}\n");
+}
+
 /// `,"statement":{...},"decision":{...},"outcome":{...}`, the same members
 /// `StatementRecord`'s own serialisation gives.
 fn statement_members(
     out: &mut Vec<u8>,
-    statement: &StatementRecord,
-    decision: &DecisionRecord,
+    statement: StatementRef<'_>,
+    decision: &Decision,
     outcome: &Outcome,
 ) -> serde_json::Result<()> {
     out.extend_from_slice(b",\"statement\":{\"protocol\":");
@@ -263,12 +313,12 @@ fn statement_members(
     }
     out.extend_from_slice(b",\"bytes\":");
     out.extend_from_slice(itoa::Buffer::new().format(statement.bytes).as_bytes());
-    if let Some(p) = &statement.prepared {
+    if let Some(p) = statement.prepared {
         out.extend_from_slice(b",\"prepared\":");
         push_json_str(out, p)?;
     }
     out.extend_from_slice(b"},\"decision\":");
-    out.extend_from_slice(decision.json().as_bytes());
+    out.extend_from_slice(decision_json(decision).as_bytes());
     out.extend_from_slice(b",\"outcome\":");
     outcome.write_json(out)
 }
@@ -352,7 +402,7 @@ fn run_writer(out: Box<dyn Write + Send>, inner: Arc<Inner>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::audit::SessionInfo;
+    use crate::audit::{DecisionRecord, SessionInfo, StatementRecord};
 
     fn line(body: RecordBody) -> serde_json::Value {
         let r = Record::new(
@@ -420,6 +470,59 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn borrowed_statement_lines_equal_record_lines() {
+        let analysis = Arc::new(crate::sql::analyze("SELECT 1; SELECT 2"));
+        let session = Arc::new(SessionInfo::process("db:5432"));
+        let decision = crate::policy::Decision::unknown_statement("portal \"x\"");
+        let outcome = Outcome {
+            status: "ok",
+            rows: Some(1),
+            ..Outcome::default()
+        };
+        for (index, prepared) in [(1, Some(Arc::<str>::from("s1"))), (9, None)] {
+            let record = Record::new(
+                "statement",
+                Arc::clone(&session),
+                RecordBody::Statement {
+                    statement: StatementRecord {
+                        protocol: "extended",
+                        analysis: Arc::clone(&analysis),
+                        index,
+                        bytes: 18,
+                        prepared: prepared.clone(),
+                    },
+                    decision: DecisionRecord(decision.clone()),
+                    outcome: outcome.clone(),
+                },
+            );
+            let mut whole = Vec::new();
+            append(&mut whole, 3, &mut Stamper::default(), &record);
+            let mut borrowed = b"earlier line\n".to_vec();
+            let start = borrowed.len();
+            head(
+                &mut borrowed,
+                3,
+                &mut Stamper::default(),
+                record.ts,
+                "statement",
+                &session,
+            );
+            let line = StatementRef {
+                protocol: "extended",
+                analysis: &analysis,
+                index,
+                bytes: 18,
+                prepared: prepared.as_deref(),
+            };
+            finish_statement(&mut borrowed, start, line, &decision, &outcome);
+            assert_eq!(
+                String::from_utf8_lossy(&borrowed[start..]),
+                String::from_utf8_lossy(&whole)
+            );
         }
     }
 

@@ -16,7 +16,9 @@ use super::masking::ResultMasker;
 use super::stream::{fill, ReadError};
 use super::tracker::{Completed, Described, Expect, PendingStatement, Tracker, Verdict};
 use super::Shared;
-use crate::audit::{DecisionRecord, Record, RecordBody, SessionInfo, StatementRecord};
+use crate::audit::{
+    DecisionRecord, Record, RecordBody, SessionInfo, StatementRecord, StatementRef,
+};
 use crate::mask::plan::RowSource;
 use crate::policy::masking::MaskSet;
 use crate::policy::{self, Decision, Policy, PolicyStore, Who};
@@ -172,11 +174,23 @@ impl Relay {
                     .catalogs
                     .invalidate(&self.info.target.addr, &self.info.target.database);
             }
-            let record = statement_record(&self.info, c);
             let audit = &self.shared.audit;
             let io = |e: crate::audit::AuditError| End::Io(e.to_string());
-            if !audit.try_emit(&record).map_err(io)? {
-                audit.emit(record).await.map_err(io)?;
+            let line = StatementRef {
+                protocol: s.protocol,
+                analysis: &s.analysis,
+                index: s.index,
+                bytes: s.bytes,
+                prepared: s.prepared.as_deref(),
+            };
+            if !audit
+                .try_emit_statement(&self.info, line, &s.decision, &c.outcome)
+                .map_err(io)?
+            {
+                audit
+                    .emit(statement_record(&self.info, c))
+                    .await
+                    .map_err(io)?;
             }
         }
         Ok(())
@@ -443,7 +457,7 @@ impl Relay {
                     );
                     state.described.insert(portal());
                 }
-                Expect::Execute(pending)
+                Expect::Execute(Box::new(pending))
             }
             fe::DESCRIBE => {
                 let target = match fe::decode_target(fe::DESCRIBE, body)? {
@@ -921,7 +935,7 @@ fn pending_statements(
 }
 
 fn statement_record(info: &Arc<SessionInfo>, c: Completed) -> Record {
-    let s = c.statement;
+    let s = *c.statement;
     let statement = StatementRecord {
         protocol: s.protocol,
         analysis: s.analysis,

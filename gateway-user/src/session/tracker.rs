@@ -56,7 +56,8 @@ pub enum Head<'a> {
 /// A statement whose outcome is known, ready for the audit.
 #[derive(Debug)]
 pub struct Completed {
-    pub statement: PendingStatement,
+    /// Boxed: it moves from queue to audit, and a box moves in one word.
+    pub statement: Box<PendingStatement>,
     pub outcome: Outcome,
 }
 
@@ -76,7 +77,7 @@ pub enum Expect {
         hidden: bool,
     },
     Close,
-    Execute(PendingStatement),
+    Execute(Box<PendingStatement>),
     Sync,
     /// A denied message, replaced upstream by one that fails at once, so the
     /// server itself enters the error state PostgreSQL would. Its error is
@@ -305,7 +306,7 @@ impl Tracker {
                     let mut o = outcome(status, s.started);
                     o.rows = rows;
                     done.push(Completed {
-                        statement: s,
+                        statement: s.into(),
                         outcome: o,
                     });
                 }
@@ -338,14 +339,14 @@ impl Tracker {
                     let mut o = outcome("error", s.started);
                     o.sqlstate = sqlstate;
                     done.push(Completed {
-                        statement: s,
+                        statement: s.into(),
                         outcome: o,
                     });
                 }
                 for s in statements.drain(..) {
                     let o = outcome("skipped", s.started);
                     done.push(Completed {
-                        statement: s,
+                        statement: s.into(),
                         outcome: o,
                     });
                 }
@@ -362,7 +363,7 @@ impl Tracker {
                     let mut o = outcome("denied", s.started);
                     o.sqlstate = Some(backend::INSUFFICIENT_PRIVILEGE.to_owned());
                     done.push(Completed {
-                        statement: s,
+                        statement: s.into(),
                         outcome: o,
                     });
                 }
@@ -415,14 +416,14 @@ fn skip(e: Expect, done: &mut Vec<Completed>) {
 fn finish(e: Expect, status: &'static str, done: &mut Vec<Completed>) {
     let statements: Vec<PendingStatement> = match e {
         Expect::Simple(s) => s.into(),
-        Expect::Execute(s) => vec![s],
+        Expect::Execute(s) => vec![*s],
         Expect::Denied { statements, .. } => statements,
         _ => Vec::new(),
     };
     for s in statements {
         let o = outcome(status, s.started);
         done.push(Completed {
-            statement: s,
+            statement: s.into(),
             outcome: o,
         });
     }
@@ -434,7 +435,7 @@ mod tests {
     use crate::wire::frame::encode_frame;
 
     fn execute() -> Expect {
-        Expect::Execute(PendingStatement {
+        Expect::Execute(Box::new(PendingStatement {
             protocol: "extended",
             analysis: Arc::new(crate::sql::analyze("SELECT 1")),
             index: 0,
@@ -445,7 +446,7 @@ mod tests {
             rows: RowSource::NoData,
             portal: None,
             formats: ResultFormats::default(),
-        })
+        }))
     }
 
     #[test]

@@ -113,14 +113,24 @@ pub fn decode_command_complete(body: &[u8]) -> Result<&str, DecodeError> {
 /// The row count a command tag reports, for the tags that carry one
 /// (`SELECT n`, `INSERT 0 n`, `UPDATE n`, `COPY n`, ...).
 pub fn rows_in_tag(tag: &str) -> Option<u64> {
-    let (verb, _) = tag.split_once(' ')?;
-    let (_, last) = tag.rsplit_once(' ')?;
-    match verb {
-        "SELECT" | "INSERT" | "UPDATE" | "DELETE" | "MERGE" | "COPY" | "FETCH" | "MOVE" => {
-            last.parse().ok()
-        }
-        _ => None,
+    // Bytes, not `str` searching and parsing: every statement's completion
+    // comes through here.
+    let tag = tag.as_bytes();
+    let verb = &tag[..tag.iter().position(|&b| b == b' ')?];
+    if !matches!(
+        verb,
+        b"SELECT" | b"INSERT" | b"UPDATE" | b"DELETE" | b"MERGE" | b"COPY" | b"FETCH" | b"MOVE"
+    ) {
+        return None;
     }
+    let last = &tag[tag.iter().rposition(|&b| b == b' ')? + 1..];
+    if last.is_empty() {
+        return None;
+    }
+    last.iter().try_fold(0u64, |n, &b| {
+        let digit = b.checked_sub(b'0').filter(|d| *d <= 9)?;
+        n.checked_mul(10)?.checked_add(u64::from(digit))
+    })
 }
 
 /// Encodes a complete message into `out` (used when rebuilding a batch).
@@ -148,5 +158,13 @@ mod tests {
         assert_eq!(rows_in_tag("INSERT 0 7"), Some(7));
         assert_eq!(rows_in_tag("CREATE TABLE"), None);
         assert_eq!(rows_in_tag("BEGIN"), None);
+        assert_eq!(rows_in_tag("COPY 18446744073709551615"), Some(u64::MAX));
+        assert_eq!(rows_in_tag("COPY 18446744073709551616"), None);
+        assert_eq!(rows_in_tag("SELECT "), None);
+        assert_eq!(rows_in_tag("SELECT -1"), None);
+        assert_eq!(rows_in_tag("SELECT 1x"), None);
+        assert_eq!(rows_in_tag("select 1"), None);
+        assert_eq!(rows_in_tag("MOVE 0"), Some(0));
+        assert_eq!(rows_in_tag(""), None);
     }
 }

@@ -1,7 +1,7 @@
 //! The relay loop of a logged-in session: client messages are judged and
 //! forwarded, backend messages are accounted for and passed back.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 /// Per-session maps keyed by names the client chooses, looked up on every
 /// message: a fast hasher (each session's maps are its own).
@@ -14,7 +14,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use super::masking::ResultMasker;
 use super::stream::{fill, ReadError};
-use super::tracker::{Completed, Described, Expect, PendingStatement, Tracker, Verdict};
+use super::tracker::{Completed, Expect, Named, PendingStatement, Tracker, Verdict};
 use super::Shared;
 use crate::audit::{
     DecisionRecord, Record, RecordBody, SessionInfo, StatementRecord, StatementRef,
@@ -221,7 +221,7 @@ impl Relay {
             statements: HashMap::default(),
             portals: HashMap::default(),
             cursors: HashMap::default(),
-            described: HashSet::default(),
+            described: Named::default(),
             inject: None,
         };
         let mut out = Outbox::default();
@@ -373,11 +373,7 @@ impl Relay {
                         }),
                     );
                 }
-                if !state.described.is_empty() {
-                    state
-                        .described
-                        .remove(&Described::Statement(parse.statement.to_owned()));
-                }
+                state.described.remove(Target::Statement(parse.statement));
                 Expect::Parse(parse.statement.to_owned())
             }
             fe::BIND => {
@@ -391,11 +387,7 @@ impl Relay {
                                 formats: bind.result_formats,
                             },
                         );
-                        if !state.described.is_empty() {
-                            state
-                                .described
-                                .remove(&Described::Portal(bind.portal.to_owned()));
-                        }
+                        state.described.remove(Target::Portal(bind.portal));
                         Expect::Bind(bind.portal.to_owned())
                     }
                     None => {
@@ -440,37 +432,32 @@ impl Relay {
                 pending.formats = formats;
                 // Masking needs the row shape; a client that never described
                 // this portal or its statement gets one asked for it.
-                let portal = || Described::Portal(exec.portal.to_owned());
+                let portal = Target::Portal(exec.portal);
                 if !state.judge.mask.is_empty()
-                    && !state.described.contains(&portal())
-                    && !state
-                        .described
-                        .contains(&Described::Statement(prepared.name.to_string()))
+                    && !state.described.contains(portal)
+                    && !state.described.contains(Target::Statement(&prepared.name))
                 {
                     state.inject = Some(fe::describe_portal(exec.portal));
                     self.tracker().push(
                         Expect::Describe {
-                            target: portal(),
+                            target: portal.into(),
                             hidden: true,
                         },
                         done,
                     );
-                    state.described.insert(portal());
+                    state.described.insert(portal, ());
                 }
                 Expect::Execute(Box::new(pending))
             }
             fe::DESCRIBE => {
-                let target = match fe::decode_target(fe::DESCRIBE, body)? {
-                    Target::Statement(n) => Described::Statement(n.to_owned()),
-                    Target::Portal(n) => Described::Portal(n.to_owned()),
-                };
+                let target = fe::decode_target(fe::DESCRIBE, body)?;
                 // Only masking asks which portals were described; a session
                 // that starts masking later may describe one portal twice.
                 if !state.judge.mask.is_empty() {
-                    state.described.insert(target.clone());
+                    state.described.insert(target, ());
                 }
                 Expect::Describe {
-                    target,
+                    target: target.into(),
                     hidden: false,
                 }
             }
@@ -715,7 +702,7 @@ struct FrontendState {
     cursors: HashMap<String, RowSource, Fast>,
     /// Statements and portals the client has described since they were
     /// (re)defined.
-    described: HashSet<Described, Fast>,
+    described: Named<()>,
     /// A message the gateway sends upstream before the one being judged.
     inject: Option<Frame>,
 }

@@ -15,7 +15,7 @@ use crate::mask::plan::RowSource;
 use crate::policy::Decision;
 use crate::sql::Analysis;
 use crate::wire::backend::{self, rows_in_tag};
-use crate::wire::frontend::ResultFormats;
+use crate::wire::frontend::{ResultFormats, Target};
 use crate::wire::rows::{self, Field};
 use crate::wire::{Frame, FrameRef};
 
@@ -44,6 +44,92 @@ pub struct PendingStatement {
 pub enum Described {
     Statement(String),
     Portal(String),
+}
+
+impl Described {
+    pub fn as_target(&self) -> Target<'_> {
+        match self {
+            Described::Statement(n) => Target::Statement(n),
+            Described::Portal(n) => Target::Portal(n),
+        }
+    }
+}
+
+impl From<Target<'_>> for Described {
+    fn from(t: Target<'_>) -> Self {
+        match t {
+            Target::Statement(n) => Described::Statement(n.to_owned()),
+            Target::Portal(n) => Described::Portal(n.to_owned()),
+        }
+    }
+}
+
+/// Values kept per prepared statement and per portal, looked up by a
+/// borrowed name (drivers re-describe the unnamed ones on every execution,
+/// so a lookup must not build an owned key).
+#[derive(Debug)]
+pub struct Named<V> {
+    statements: ByName<V>,
+    portals: ByName<V>,
+}
+
+impl<V> Default for Named<V> {
+    fn default() -> Self {
+        Self {
+            statements: HashMap::default(),
+            portals: HashMap::default(),
+        }
+    }
+}
+
+type ByName<V> = HashMap<String, V, foldhash::fast::RandomState>;
+
+fn name(t: Target<'_>) -> &str {
+    match t {
+        Target::Statement(n) | Target::Portal(n) => n,
+    }
+}
+
+impl<V> Named<V> {
+    fn map(&self, t: Target<'_>) -> &ByName<V> {
+        match t {
+            Target::Statement(_) => &self.statements,
+            Target::Portal(_) => &self.portals,
+        }
+    }
+
+    fn map_mut(&mut self, t: Target<'_>) -> &mut ByName<V> {
+        match t {
+            Target::Statement(_) => &mut self.statements,
+            Target::Portal(_) => &mut self.portals,
+        }
+    }
+
+    pub fn get(&self, t: Target<'_>) -> Option<&V> {
+        self.map(t).get(name(t))
+    }
+
+    pub fn contains(&self, t: Target<'_>) -> bool {
+        self.get(t).is_some()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.statements.is_empty() && self.portals.is_empty()
+    }
+
+    pub fn insert(&mut self, t: Target<'_>, v: V) {
+        let map = self.map_mut(t);
+        match map.get_mut(name(t)) {
+            Some(old) => *old = v,
+            None => {
+                map.insert(name(t).to_owned(), v);
+            }
+        }
+    }
+
+    pub fn remove(&mut self, t: Target<'_>) {
+        self.map_mut(t).remove(name(t));
+    }
 }
 
 /// What the head of the queue is, for the masking path.
@@ -113,7 +199,7 @@ pub struct Tracker {
     discarding: bool,
     /// Row shapes learnt from Describe, so that an Execute without its own
     /// Describe can still be masked.
-    descriptions: HashMap<Described, std::sync::Arc<Vec<Field>>, foldhash::fast::RandomState>,
+    descriptions: Named<Arc<Vec<Field>>>,
     /// The row shape of the result being sent now.
     current: Option<std::sync::Arc<Vec<Field>>>,
     /// Whether row shapes are needed (the session masks something); when
@@ -139,13 +225,8 @@ impl Tracker {
         // A new Parse or Bind of a name replaces what was described under it.
         match &expect {
             _ if self.descriptions.is_empty() => {}
-            Expect::Parse(name) => {
-                self.descriptions
-                    .remove(&Described::Statement(name.clone()));
-            }
-            Expect::Bind(name) => {
-                self.descriptions.remove(&Described::Portal(name.clone()));
-            }
+            Expect::Parse(name) => self.descriptions.remove(Target::Statement(name)),
+            Expect::Bind(name) => self.descriptions.remove(Target::Portal(name)),
             _ => {}
         }
         if self.discarding {
@@ -191,11 +272,11 @@ impl Tracker {
                     let hidden = *hidden;
                     match fields {
                         Some(f) => {
-                            self.descriptions.insert(target.clone(), f);
+                            self.descriptions.insert(target.as_target(), f);
                         }
                         None if self.descriptions.is_empty() => {}
                         None => {
-                            self.descriptions.remove(target);
+                            self.descriptions.remove(target.as_target());
                         }
                     }
                     self.queue.pop_front();
@@ -264,13 +345,11 @@ impl Tracker {
             return None;
         };
         let portal = s.portal.as_ref()?;
-        if let Some(f) = self.descriptions.get(&Described::Portal(portal.clone())) {
+        if let Some(f) = self.descriptions.get(Target::Portal(portal)) {
             return Some(std::sync::Arc::clone(f));
         }
         let name = s.prepared.as_ref()?;
-        let f = self
-            .descriptions
-            .get(&Described::Statement(name.to_string()))?;
+        let f = self.descriptions.get(Target::Statement(name))?;
         let mut fields: Vec<Field> = f.as_ref().clone();
         for (i, field) in fields.iter_mut().enumerate() {
             field.format = s.formats.of(i);
@@ -447,6 +526,22 @@ mod tests {
             portal: None,
             formats: ResultFormats::default(),
         }))
+    }
+
+    #[test]
+    fn statements_and_portals_of_one_name_are_kept_apart() {
+        let mut n = Named::default();
+        assert!(n.is_empty());
+        n.insert(Target::Statement("s"), 1);
+        n.insert(Target::Portal("s"), 2);
+        n.insert(Target::Portal("s"), 3);
+        assert_eq!(n.get(Target::Statement("s")), Some(&1));
+        assert_eq!(n.get(Target::Portal("s")), Some(&3));
+        n.remove(Target::Statement("s"));
+        assert!(!n.contains(Target::Statement("s")));
+        assert!(n.contains(Target::Portal("s")));
+        n.remove(Target::Portal("s"));
+        assert!(n.is_empty());
     }
 
     #[test]

@@ -21,44 +21,20 @@ pub fn shape(text: &str) -> Option<String> {
     let mut i = 0;
     while i < b.len() {
         let c = b[i];
-        match c {
-            b'\'' => {
-                let escapes =
-                    i > 0 && matches!(b[i - 1], b'e' | b'E') && !ident_char_before(b, i - 1);
-                i = skip_quoted(b, i + 1, b'\'', escapes)?;
-            }
-            b'"' => i = skip_quoted(b, i + 1, b'"', false)?,
-            b'-' if b.get(i + 1) == Some(&b'-') => {
-                i = b[i..]
-                    .iter()
-                    .position(|&x| x == b'\n')
-                    .map_or(b.len(), |p| i + p + 1);
-            }
-            b'/' if b.get(i + 1) == Some(&b'*') => i = skip_block_comment(b, i)?,
-            b'$' => {
-                // `$1` parameters and `$tag$...$tag$` strings.
-                let start = i;
+        // One table lookup sorts out the bytes that start nothing (spaces,
+        // operators, punctuation) and words: most of any statement.
+        match CLASS[usize::from(c)] {
+            PLAIN => i += 1,
+            WORD => {
+                // An identifier or keyword, digits and all.
+                // `E'..'`, `B'..'`, `X'..'`, `U&'..'` are handled at the quote.
                 i += 1;
-                if b.get(i).is_some_and(u8::is_ascii_digit) {
-                    while b.get(i).is_some_and(u8::is_ascii_digit) {
-                        i += 1;
-                    }
-                    continue;
-                }
-                while b
-                    .get(i)
-                    .is_some_and(|x| x.is_ascii_alphanumeric() || *x == b'_' || *x >= 0x80)
-                {
+                while i < b.len() && IDENT[usize::from(b[i])] {
                     i += 1;
                 }
-                if b.get(i) == Some(&b'$') && !ident_char_before(b, start) {
-                    let tag = &b[start..=i];
-                    let body = i + 1;
-                    let end = find(&b[body..], tag)?;
-                    i = body + end + tag.len();
-                }
             }
-            b'0'..=b'9' if !(ident_char_before(b, i) || (i > 0 && b[i - 1] == b'.')) => {
+            DIGIT if ident_char_before(b, i) || (i > 0 && b[i - 1] == b'.') => i += 1,
+            DIGIT => {
                 let start = i;
                 while b.get(i).is_some_and(u8::is_ascii_digit) {
                     i += 1;
@@ -85,15 +61,46 @@ pub fn shape(text: &str) -> Option<String> {
                 o.push(b'0');
                 copied = i;
             }
-            _ if c.is_ascii_alphabetic() || c == b'_' || c >= 0x80 => {
-                // An identifier or keyword, digits and all.
-                i += b[i..]
-                    .iter()
-                    .position(|&x| !IDENT[usize::from(x)])
-                    .unwrap_or(b.len() - i);
-                // `E'..'`, `B'..'`, `X'..'`, `U&'..'` are handled at the quote.
-            }
-            _ => i += 1,
+            _ => match c {
+                b'\'' => {
+                    let escapes =
+                        i > 0 && matches!(b[i - 1], b'e' | b'E') && !ident_char_before(b, i - 1);
+                    i = skip_quoted(b, i + 1, b'\'', escapes)?;
+                }
+                b'"' => i = skip_quoted(b, i + 1, b'"', false)?,
+                b'-' if b.get(i + 1) == Some(&b'-') => {
+                    i = b[i..]
+                        .iter()
+                        .position(|&x| x == b'\n')
+                        .map_or(b.len(), |p| i + p + 1);
+                }
+                b'/' if b.get(i + 1) == Some(&b'*') => i = skip_block_comment(b, i)?,
+                b'$' => {
+                    // `$1` parameters and `$tag$...$tag$` strings.
+                    let start = i;
+                    i += 1;
+                    if b.get(i).is_some_and(u8::is_ascii_digit) {
+                        while b.get(i).is_some_and(u8::is_ascii_digit) {
+                            i += 1;
+                        }
+                        continue;
+                    }
+                    while b
+                        .get(i)
+                        .is_some_and(|x| x.is_ascii_alphanumeric() || *x == b'_' || *x >= 0x80)
+                    {
+                        i += 1;
+                    }
+                    if b.get(i) == Some(&b'$') && !ident_char_before(b, start) {
+                        let tag = &b[start..=i];
+                        let body = i + 1;
+                        let end = find(&b[body..], tag)?;
+                        i = body + end + tag.len();
+                    }
+                }
+                // A lone `-` or `/`.
+                _ => i += 1,
+            },
         }
     }
     let mut o = out?;
@@ -101,6 +108,32 @@ pub fn shape(text: &str) -> Option<String> {
     // Only ASCII digits were replaced by an ASCII digit, at char boundaries.
     String::from_utf8(o).ok()
 }
+
+const PLAIN: u8 = 0;
+const WORD: u8 = 1;
+const DIGIT: u8 = 2;
+const SPECIAL: u8 = 3;
+
+/// What each byte can start: nothing, a word, a number, or a quote,
+/// comment, parameter or dollar string (`'`, `"`, `-`, `/`, `$`).
+const CLASS: [u8; 256] = {
+    let mut t = [PLAIN; 256];
+    let mut i = 0;
+    while i < 256 {
+        let c = i as u8;
+        t[i] = if c.is_ascii_digit() {
+            DIGIT
+        } else if c.is_ascii_alphabetic() || c == b'_' || c >= 0x80 {
+            WORD
+        } else if matches!(c, b'\'' | b'"' | b'-' | b'/' | b'$') {
+            SPECIAL
+        } else {
+            PLAIN
+        };
+        i += 1;
+    }
+    t
+};
 
 /// Bytes that continue an identifier or keyword: letters, digits, `_`, `$`
 /// and every byte of a multi-byte character.

@@ -282,7 +282,7 @@ pub fn push_json_str(out: &mut Vec<u8>, s: &str) -> serde_json::Result<()> {
 #[derive(Debug, Clone)]
 pub struct Record {
     /// When it happened; formatted by the writer thread.
-    pub ts: time::OffsetDateTime,
+    pub ts: std::time::SystemTime,
     pub event: &'static str,
     pub session: Arc<SessionInfo>,
     pub body: RecordBody,
@@ -327,7 +327,7 @@ pub struct PolicyReloadRecord {
 impl Record {
     pub fn new(event: &'static str, session: Arc<SessionInfo>, body: RecordBody) -> Self {
         Self {
-            ts: time::OffsetDateTime::now_utc(),
+            ts: std::time::SystemTime::now(),
             event,
             session,
             body,
@@ -349,18 +349,27 @@ pub fn now_rfc3339() -> String {
 /// once per second and reused; only the microseconds are written each time.
 #[derive(Debug, Default)]
 pub struct Stamper {
-    second: Option<i64>,
+    second: Option<u64>,
     /// `YYYY-MM-DDTHH:MM:SS.`
     prefix: [u8; 20],
 }
 
 impl Stamper {
-    pub fn push(&mut self, out: &mut Vec<u8>, t: time::OffsetDateTime) {
-        let t = t.to_offset(time::UtcOffset::UTC);
-        let second = t.unix_timestamp();
+    /// Takes the system clock's reading as is: the calendar conversion is
+    /// the once-a-second part.
+    pub fn push(&mut self, out: &mut Vec<u8>, t: std::time::SystemTime) {
+        // A clock set before 1970 is written as 1970.
+        let since = t
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let second = since.as_secs();
         if self.second == Some(second) {
             out.extend_from_slice(&self.prefix);
         } else {
+            let t = i64::try_from(second)
+                .ok()
+                .and_then(|s| time::OffsetDateTime::from_unix_timestamp(s).ok())
+                .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
             let start = out.len();
             digits(out, t.year().clamp(0, 9999) as u32, 4);
             out.push(b'-');
@@ -377,7 +386,7 @@ impl Stamper {
             self.prefix.copy_from_slice(&out[start..]);
             self.second = Some(second);
         }
-        digits(out, t.microsecond(), 6);
+        digits(out, since.subsec_micros(), 6);
         out.push(b'Z');
     }
 }

@@ -10,6 +10,9 @@ use crate::audit::AuditTarget;
 
 pub const DEFAULT_LISTEN_IP: [u8; 4] = [127, 0, 0, 1];
 pub const DEFAULT_MAX_FRAME_BYTES: usize = 64 * 1024 * 1024;
+/// About ten thousand statement records: a second or more of a busy
+/// gateway's output, enough to ride out a slow log shipper.
+pub const DEFAULT_AUDIT_BUFFER_BYTES: usize = 8 * 1024 * 1024;
 pub const UPSTREAM_PASSWORD_ENV: &str = "AGENTGATE_UPSTREAM_PASSWORD";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum, Default)]
@@ -83,6 +86,10 @@ pub struct RunArgs {
     /// Where audit records go: `-` for stdout, or a file to append to [default: -].
     #[arg(long, value_name = "-|PATH")]
     pub audit: Option<String>,
+    /// Audit records that may wait for a slow sink, in bytes; beyond it,
+    /// statements wait instead of records being dropped [default: 8388608].
+    #[arg(long, value_name = "BYTES")]
+    pub audit_buffer_bytes: Option<usize>,
     /// Largest client message accepted, in bytes [default: 67108864].
     #[arg(long, value_name = "BYTES")]
     pub max_frame_bytes: Option<usize>,
@@ -133,6 +140,7 @@ pub struct FileConfig {
     pub agents: Vec<AgentEntry>,
     pub policy: Option<PathBuf>,
     pub audit: Option<String>,
+    pub audit_buffer_bytes: Option<usize>,
     pub max_frame_bytes: Option<usize>,
     pub intercept: Option<InterceptMode>,
     pub cgroup: Option<String>,
@@ -175,6 +183,7 @@ pub struct Settings {
     pub agents: Vec<AgentEntry>,
     pub policy: Option<PathBuf>,
     pub audit: AuditTarget,
+    pub audit_buffer_bytes: usize,
     pub max_frame_bytes: usize,
     pub intercept: InterceptMode,
     pub cgroup: Option<String>,
@@ -274,6 +283,15 @@ impl Settings {
                 )));
             }
         }
+        let audit_buffer_bytes = args
+            .audit_buffer_bytes
+            .or(file.audit_buffer_bytes)
+            .unwrap_or(DEFAULT_AUDIT_BUFFER_BYTES);
+        if audit_buffer_bytes == 0 {
+            return Err(ConfigError::Conflict(
+                "--audit-buffer-bytes must be at least 1".into(),
+            ));
+        }
         Ok(Self {
             listen: args.listen.or(file.listen).unwrap_or(SocketAddr::from((
                 DEFAULT_LISTEN_IP,
@@ -290,6 +308,7 @@ impl Settings {
             agents: file.agents,
             policy: args.policy.or(file.policy),
             audit: AuditTarget::parse(args.audit.or(file.audit).as_deref().unwrap_or("-")),
+            audit_buffer_bytes,
             max_frame_bytes: args
                 .max_frame_bytes
                 .or(file.max_frame_bytes)
@@ -306,6 +325,18 @@ impl Settings {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_empty_audit_buffer_is_refused() {
+        let args = RunArgs {
+            upstream: Some("db:5432".into()),
+            upstream_user: Some("u".into()),
+            audit_buffer_bytes: Some(0),
+            ..Default::default()
+        };
+        let e = Settings::resolve(args, None).unwrap_err().to_string();
+        assert!(e.contains("--audit-buffer-bytes"), "{e}");
+    }
 
     #[test]
     fn flags_win_over_the_file() {

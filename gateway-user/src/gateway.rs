@@ -46,7 +46,7 @@ pub fn build(settings: &Settings) -> anyhow::Result<Arc<Shared>> {
         ClientAuthMode::Trust => ClientAuth::Trust,
         ClientAuthMode::Password => ClientAuth::Scram(AgentRegistry::load(&settings.agents)?),
     };
-    let audit = AuditSink::open(&settings.audit)?;
+    let audit = AuditSink::open(&settings.audit, settings.audit_buffer_bytes)?;
     let intercept = match settings.intercept {
         InterceptMode::None => None,
         InterceptMode::Ebpf => Some(start_interception(settings)?),

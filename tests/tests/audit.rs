@@ -124,3 +124,117 @@ fn an_unwritable_audit_trail_stops_statements() {
     let log = std::fs::read_to_string(&stderr).unwrap();
     assert!(log.contains("audit write failed"), "{log}");
 }
+
+/// A sink that stops reading (a stalled log shipper at the other end of
+/// stdout) holds statements back once the buffer is full; when it reads
+/// again every record comes out in order, none lost, the last ones at
+/// shutdown.
+#[test]
+fn a_stalled_audit_pipe_holds_statements_back_and_loses_none() {
+    use std::io::BufRead;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    const STATEMENTS: u64 = 3000;
+    let db = Cluster::start();
+    let dir = tempfile::tempdir().unwrap();
+    let pw = dir.path().join("pw");
+    std::fs::write(&pw, GW_PASSWORD).unwrap();
+    let port = agentgate_tests::free_port();
+    let stderr = dir.path().join("stderr.log");
+    // A small buffer: the pipe (64 KiB), the writer's batch in hand and this
+    // fill up within a few hundred statements.
+    let mut child = Command::new(agentgate_tests::gateway::binary())
+        .args(["run", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["--audit", "-", "--audit-buffer-bytes", "65536"])
+        .args(["--upstream", &db.addr(), "--upstream-user", GW_USER])
+        .arg("--upstream-password-file")
+        .arg(&pw)
+        .env("AGENTGATE_LOG", "debug")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(&stderr).unwrap())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    assert!(agentgate_tests::cluster::wait_port(port));
+
+    let done = Arc::new(AtomicU64::new(0));
+    let counter = Arc::clone(&done);
+    let client = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let dsn = format!("host=127.0.0.1 port={port} user=shipper dbname=postgres");
+            let (client, conn) = tokio_postgres::connect(&dsn, tokio_postgres::NoTls)
+                .await
+                .unwrap();
+            let conn = tokio::spawn(conn);
+            for _ in 0..STATEMENTS {
+                client.simple_query("SELECT 1").await.unwrap();
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
+            drop(client);
+            let _ = conn.await;
+        });
+    });
+
+    // Nobody reads: progress must stop, and stay stopped (a merely slow
+    // machine would still creep forward).
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let (mut last, mut since) = (u64::MAX, Instant::now());
+    while since.elapsed() < Duration::from_secs(3) {
+        assert!(Instant::now() < deadline, "the client never stalled");
+        let now = done.load(Ordering::Relaxed);
+        if now != last {
+            (last, since) = (now, Instant::now());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        last > 0 && last < STATEMENTS,
+        "{last} of {STATEMENTS} statements ran with the audit pipe unread"
+    );
+    assert!(child.try_wait().unwrap().is_none(), "the gateway exited");
+
+    // The shipper reads again: everything flows.
+    let reader = std::thread::spawn(move || {
+        std::io::BufReader::new(stdout)
+            .lines()
+            .map(|l| l.unwrap())
+            .collect::<Vec<_>>()
+    });
+    client.join().expect("client thread");
+    assert_eq!(done.load(Ordering::Relaxed), STATEMENTS);
+    agentgate_tests::wait_for(Duration::from_secs(10), || {
+        std::fs::read_to_string(&stderr)
+            .unwrap()
+            .contains("session ended")
+            .then_some(())
+    });
+    Command::new("kill")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+    let lines = reader.join().expect("reader thread");
+
+    let records: Vec<serde_json::Value> = lines
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    for (i, r) in records.iter().enumerate() {
+        assert_eq!(r["seq"], i as u64 + 1, "seq must be gap-free: {r}");
+    }
+    let statements = records
+        .iter()
+        .filter(|r| r["event"] == "statement" && r["outcome"]["status"] == "ok")
+        .count();
+    assert_eq!(statements as u64, STATEMENTS);
+    assert_eq!(
+        records.last().map(|r| r["event"].clone()),
+        Some("session.end".into())
+    );
+}

@@ -359,9 +359,7 @@ impl Stamper {
     /// the once-a-second part.
     pub fn push(&mut self, out: &mut Vec<u8>, t: std::time::SystemTime) {
         // A clock set before 1970 is written as 1970.
-        let since = t
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
+        let since = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         let second = since.as_secs();
         if self.second == Some(second) {
             out.extend_from_slice(&self.prefix);

@@ -59,6 +59,8 @@ struct Pending {
 
 struct Inner {
     pending: Mutex<Pending>,
+    /// How many serialised bytes may wait before sessions wait for the writer.
+    max_pending: usize,
     /// Wakes an idle writer (it polls while records keep coming).
     wake: Condvar,
     writer_idle: AtomicBool,
@@ -78,8 +80,6 @@ pub struct AuditSink {
     inner: Arc<Inner>,
 }
 
-/// How many serialised bytes may wait before sessions wait for the writer.
-const MAX_PENDING: usize = 8 << 20;
 const FLUSH_EVERY: Duration = Duration::from_millis(100);
 const RETRY_EVERY: Duration = Duration::from_millis(500);
 /// While records keep coming, the writer polls at this interval instead of
@@ -87,7 +87,9 @@ const RETRY_EVERY: Duration = Duration::from_millis(500);
 const BATCH_WINDOW: Duration = Duration::from_millis(5);
 
 impl AuditSink {
-    pub fn open(target: &AuditTarget) -> Result<Self, AuditError> {
+    /// `max_pending`: serialised bytes that may wait for the writer before
+    /// sessions wait for room.
+    pub fn open(target: &AuditTarget, max_pending: usize) -> Result<Self, AuditError> {
         let out: Box<dyn Write + Send> = match target {
             AuditTarget::Stdout => Box::new(std::io::stdout()),
             AuditTarget::File(path) => Box::new(
@@ -109,6 +111,7 @@ impl AuditSink {
                 stopped: false,
                 stamper: Stamper::default(),
             }),
+            max_pending,
             wake: Condvar::new(),
             writer_idle: AtomicBool::new(false),
             room: Notify::new(),
@@ -185,7 +188,7 @@ impl AuditSink {
         if p.stopped {
             return Err(AuditError::Stopped);
         }
-        if p.bytes.len() >= MAX_PENDING {
+        if p.bytes.len() >= self.inner.max_pending {
             return Ok(false);
         }
         p.seq += 1;

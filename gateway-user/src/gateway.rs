@@ -19,6 +19,9 @@ use crate::sql::AnalysisCache;
 const ANALYSIS_CACHE_ENTRIES: usize = 16 * 1024;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const SHUTDOWN_FLUSH: Duration = Duration::from_secs(10);
+/// How long shutdown waits for sessions to end (those still logging in
+/// finish their login first; those relaying end at once).
+const SESSION_DRAIN: Duration = Duration::from_secs(5);
 
 /// Checks the settings and builds what sessions share. Fails before
 /// anything listens, so a bad configuration never serves.
@@ -69,6 +72,8 @@ pub fn build(settings: &Settings) -> anyhow::Result<Arc<Shared>> {
         client_auth,
         max_frame_bytes: settings.max_frame_bytes,
         intercept,
+        shutdown: Default::default(),
+        sessions: Default::default(),
     }))
 }
 
@@ -125,6 +130,20 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         r = session::serve(listener, Arc::clone(&shared)) => r.context("listener failed")?,
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
         _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+    }
+    // No new sessions (the listener is gone); the open ones end now, each
+    // telling its client and auditing its statements in flight and its end.
+    shared.shutdown.cancel();
+    shared.sessions.close();
+    if tokio::time::timeout(SESSION_DRAIN, shared.sessions.wait())
+        .await
+        .is_err()
+    {
+        tracing::error!(
+            sessions = shared.sessions.len(),
+            "sessions had not ended {}s after shutdown began (clients still logging in); they are cut",
+            SESSION_DRAIN.as_secs()
+        );
     }
     // A sink that stays unwritable (a closed pipe) must not hang the
     // shutdown forever; the operator is told records may be missing.

@@ -155,6 +155,12 @@ impl Gateway {
         let _ = Command::new("kill")
             .arg(self.child.id().to_string())
             .status();
+        self.wait()
+    }
+
+    /// Waits for the process to exit (after a signal sent elsewhere); the
+    /// audit file can still be read afterwards.
+    pub fn wait(&mut self) -> std::process::ExitStatus {
         self.child.wait().expect("wait for agentgate")
     }
 }

@@ -238,3 +238,87 @@ fn a_stalled_audit_pipe_holds_statements_back_and_loses_none() {
         Some("session.end".into())
     );
 }
+
+/// SIGTERM (every pod rollout) ends the open sessions through the gateway:
+/// each client is told why, a statement still running is audited with an
+/// unknown outcome, and every session's end is in the trail before exit.
+#[test]
+fn shutdown_audits_the_end_of_every_open_session() {
+    use std::time::Duration;
+
+    let db = Cluster::start();
+    let mut gw = Gateway::start(&db, &[]);
+    // Worker threads drive the connections while this thread blocks on psql.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (idle_err, sleeping_err) = rt.block_on(async {
+        let connect = |user: &str| {
+            let dsn = gw.dsn(user);
+            async move {
+                let (client, conn) = tokio_postgres::connect(&dsn, tokio_postgres::NoTls)
+                    .await
+                    .unwrap();
+                let conn = tokio::spawn(conn);
+                (client, conn)
+            }
+        };
+        let (idle, idle_conn) = connect("agent_idle").await;
+        idle.simple_query("SELECT 1").await.unwrap();
+        let (sleeper, sleeper_conn) = connect("agent_sleeping").await;
+        let sleeping =
+            tokio::spawn(async move { sleeper.simple_query("SELECT pg_sleep(60)").await });
+        let running = agentgate_tests::wait_for(Duration::from_secs(20), || {
+            db.psql_super(
+                "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(60)'",
+            )
+            .trim()
+            .eq("1")
+            .then_some(())
+        });
+        assert!(running.is_some(), "pg_sleep never started");
+
+        Command::new("kill")
+            .arg(gw.pid().to_string())
+            .status()
+            .unwrap();
+        let sleeping_err = tokio::time::timeout(Duration::from_secs(20), sleeping)
+            .await
+            .expect("the running statement was not ended")
+            .unwrap()
+            .expect_err("pg_sleep cannot finish");
+        let idle_err = tokio::time::timeout(Duration::from_secs(20), idle_conn)
+            .await
+            .expect("the idle session was not ended")
+            .unwrap()
+            .expect_err("the idle session ends with an error");
+        let _ = sleeper_conn.await;
+        (idle_err, sleeping_err)
+    });
+    for e in [&idle_err, &sleeping_err] {
+        let db_error = e.as_db_error();
+        assert_eq!(
+            db_error.map(|d| d.code().code()),
+            Some("57P01"),
+            "clients are told the gateway shuts down: {e:?}"
+        );
+    }
+    let status = gw.wait();
+    assert!(status.success(), "{status:?}");
+
+    let lines = gw.audit();
+    for user in ["agent_idle", "agent_sleeping"] {
+        let ends: Vec<_> = lines
+            .iter()
+            .filter(|r| r["event"] == "session.end" && r["actor"]["user"] == user)
+            .collect();
+        assert_eq!(ends.len(), 1, "{user}: {lines:#?}");
+        assert_eq!(ends[0]["reason"], "gateway shutting down");
+    }
+    let sleep = lines
+        .iter()
+        .find(|r| r["event"] == "statement" && r["actor"]["user"] == "agent_sleeping")
+        .expect("the running statement is audited");
+    assert_eq!(sleep["outcome"]["status"], "unknown");
+}

@@ -27,6 +27,8 @@ const INVALID_PASSWORD: &str = "28P01";
 const INVALID_AUTHORIZATION: &str = "28000";
 const CANNOT_CONNECT: &str = "08001";
 const REJECTED_CONNECTION: &str = "08004";
+/// What PostgreSQL itself sends when it shuts down under its clients.
+const ADMIN_SHUTDOWN: &str = "57P01";
 
 #[derive(Debug, thiserror::Error)]
 enum StartupError {
@@ -295,8 +297,16 @@ where
         (end, cw)
     });
     let lost = |e: tokio::task::JoinError| End::Io(format!("relay task failed: {e}"));
-    // The direction that ended first says why the session ends.
+    // The direction that ended first says why the session ends, unless the
+    // gateway is shutting down.
     let (end, cw, uw) = tokio::select! {
+        _ = relay.shared.shutdown.cancelled() => {
+            let _ = stop_front.send(());
+            let _ = stop_back.send(());
+            let uw = front.await.ok().map(|f| f.1);
+            let cw = back.await.ok().map(|b| b.1);
+            (Some(End::Shutdown), cw, uw)
+        }
         f = &mut front => {
             let _ = stop_back.send(());
             let cw = back.await.ok().map(|b| b.1);
@@ -315,14 +325,26 @@ where
         }
     };
     let end = end.unwrap_or_else(|| End::Io("relay stopped".into()));
-    if let (End::Malformed(m), Some(mut cw)) = (&end, cw) {
-        let msg = format!("agentgate: invalid frontend message: {m}");
+    let goodbye = match &end {
+        End::Malformed(m) => Some((
+            PROTOCOL_VIOLATION,
+            format!("agentgate: invalid frontend message: {m}"),
+        )),
+        End::Shutdown => Some((
+            ADMIN_SHUTDOWN,
+            "agentgate: terminating connection because the gateway is shutting down".into(),
+        )),
+        _ => None,
+    };
+    if let (Some((code, msg)), Some(mut cw)) = (goodbye, cw) {
         let _ = cw
-            .write_all(backend::error_response("FATAL", PROTOCOL_VIOLATION, &msg).as_bytes())
+            .write_all(backend::error_response("FATAL", code, &msg).as_bytes())
             .await;
         let _ = cw.flush().await;
     }
-    if let (End::ClientGone | End::Malformed(_) | End::Io(_), Some(mut uw)) = (&end, uw) {
+    if let (End::ClientGone | End::Malformed(_) | End::Io(_) | End::Shutdown, Some(mut uw)) =
+        (&end, uw)
+    {
         // Say goodbye upstream so the backend ends at once.
         let _ = uw.write_all(fe::terminate().as_bytes()).await;
     }

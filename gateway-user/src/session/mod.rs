@@ -44,6 +44,10 @@ pub struct Shared {
     pub intercept: Option<crate::intercept::Interception>,
     /// Table names and view definitions for masking, per database.
     pub catalogs: crate::mask::catalog::Catalogs,
+    /// Cancelled at shutdown: every session ends and audits its end.
+    pub shutdown: tokio_util::sync::CancellationToken,
+    /// The running sessions, waited for at shutdown.
+    pub sessions: tokio_util::task::TaskTracker,
 }
 
 /// Accepts clients until the task is dropped.
@@ -58,9 +62,9 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) -> std::io::Resul
                 continue;
             }
         };
-        let shared = Arc::clone(&shared);
-        tokio::spawn(async move {
-            handshake::handle(tcp, peer, shared).await;
+        let session = Arc::clone(&shared);
+        shared.sessions.spawn(async move {
+            handshake::handle(tcp, peer, session).await;
         });
     }
 }

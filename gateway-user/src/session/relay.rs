@@ -50,6 +50,8 @@ pub enum End {
     /// The client sent something that is not the protocol; it gets a FATAL.
     Malformed(String),
     Io(String),
+    /// The gateway is shutting down; the client gets a FATAL.
+    Shutdown,
 }
 
 impl End {
@@ -60,6 +62,7 @@ impl End {
             End::ServerGone => "database closed the connection".into(),
             End::Malformed(m) => format!("malformed client message: {m}"),
             End::Io(m) => m.clone(),
+            End::Shutdown => "gateway shutting down".into(),
         }
     }
 }

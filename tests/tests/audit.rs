@@ -93,21 +93,23 @@ fn an_unwritable_audit_trail_stops_statements() {
     // /dev/full fails every write with ENOSPC: a full disk.
     let port = agentgate_tests::free_port();
     let stderr = dir.path().join("stderr.log");
-    let mut child = Command::new(agentgate_tests::gateway::binary())
-        .args([
-            "run",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--audit",
-            "/dev/full",
-        ])
-        .args(["--upstream", &db.addr(), "--upstream-user", GW_USER])
-        .arg("--upstream-password-file")
-        .arg(&pw)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&stderr).unwrap())
-        .spawn()
-        .unwrap();
+    let mut child = agentgate_tests::KillOnDrop(
+        Command::new(agentgate_tests::gateway::binary())
+            .args([
+                "run",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--audit",
+                "/dev/full",
+            ])
+            .args(["--upstream", &db.addr(), "--upstream-user", GW_USER])
+            .arg("--upstream-password-file")
+            .arg(&pw)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .unwrap(),
+    );
     assert!(agentgate_tests::cluster::wait_port(port));
     let dsn = format!("host=127.0.0.1 port={port} user=a dbname=postgres");
     let denied = agentgate_tests::wait_for(std::time::Duration::from_secs(10), || {
@@ -118,8 +120,8 @@ fn an_unwritable_audit_trail_stops_statements() {
         let err = String::from_utf8_lossy(&out.stderr).into_owned();
         err.contains("builtin.audit-unavailable").then_some(err)
     });
-    let _ = child.kill();
-    let _ = child.wait();
+    let _ = child.0.kill();
+    let _ = child.0.wait();
     assert!(denied.is_some(), "statements still ran with no audit trail");
     let log = std::fs::read_to_string(&stderr).unwrap();
     assert!(log.contains("audit write failed"), "{log}");
@@ -145,18 +147,20 @@ fn a_stalled_audit_pipe_holds_statements_back_and_loses_none() {
     let stderr = dir.path().join("stderr.log");
     // A small buffer: the pipe (64 KiB), the writer's batch in hand and this
     // fill up within a few hundred statements.
-    let mut child = Command::new(agentgate_tests::gateway::binary())
-        .args(["run", "--listen", &format!("127.0.0.1:{port}")])
-        .args(["--audit", "-", "--audit-buffer-bytes", "65536"])
-        .args(["--upstream", &db.addr(), "--upstream-user", GW_USER])
-        .arg("--upstream-password-file")
-        .arg(&pw)
-        .env("AGENTGATE_LOG", "debug")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::fs::File::create(&stderr).unwrap())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
+    let mut child = agentgate_tests::KillOnDrop(
+        Command::new(agentgate_tests::gateway::binary())
+            .args(["run", "--listen", &format!("127.0.0.1:{port}")])
+            .args(["--audit", "-", "--audit-buffer-bytes", "65536"])
+            .args(["--upstream", &db.addr(), "--upstream-user", GW_USER])
+            .arg("--upstream-password-file")
+            .arg(&pw)
+            .env("AGENTGATE_LOG", "debug")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let stdout = child.0.stdout.take().unwrap();
     assert!(agentgate_tests::cluster::wait_port(port));
 
     let done = Arc::new(AtomicU64::new(0));
@@ -197,7 +201,7 @@ fn a_stalled_audit_pipe_holds_statements_back_and_loses_none() {
         last > 0 && last < STATEMENTS,
         "{last} of {STATEMENTS} statements ran with the audit pipe unread"
     );
-    assert!(child.try_wait().unwrap().is_none(), "the gateway exited");
+    assert!(child.0.try_wait().unwrap().is_none(), "the gateway exited");
 
     // The shipper reads again: everything flows.
     let reader = std::thread::spawn(move || {
@@ -215,10 +219,10 @@ fn a_stalled_audit_pipe_holds_statements_back_and_loses_none() {
             .then_some(())
     });
     Command::new("kill")
-        .arg(child.id().to_string())
+        .arg(child.0.id().to_string())
         .status()
         .unwrap();
-    assert!(child.wait().unwrap().success());
+    assert!(child.0.wait().unwrap().success());
     let lines = reader.join().expect("reader thread");
 
     let records: Vec<serde_json::Value> = lines

@@ -261,3 +261,38 @@ fn execute_without_any_describe_is_masked_and_unchanged_in_shape() {
         assert!(text.contains("@example.invalid"), "{text}");
     }
 }
+
+/// Many sessions needing the same relations at once (every client of a
+/// restarted agent, or all of them after the cache ages out) cost the
+/// database one catalog query, not one each.
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_sessions_share_one_catalog_lookup() {
+    use agentgate::mask::catalog::Catalogs;
+    use agentgate::session::UpstreamSettings;
+    use agentgate::sql::lineage::RelName;
+
+    let db = Cluster::start();
+    db.load_sample();
+    let catalogs = Catalogs::new(UpstreamSettings {
+        addr: Some(db.addr()),
+        user: GW_USER.into(),
+        password: Some(agentgate_tests::cluster::GW_PASSWORD.into()),
+        tls: None,
+        connect_timeout: std::time::Duration::from_secs(10),
+    });
+    let catalog = catalogs.get(&db.addr(), "postgres");
+    let customers = RelName {
+        schema: None,
+        name: "customers".into(),
+    };
+    let sessions = (0..32).map(|_| {
+        let catalog = std::sync::Arc::clone(&catalog);
+        let name = customers.clone();
+        tokio::spawn(async move { catalog.ensure(&[], &[&name]).await })
+    });
+    for s in sessions.collect::<Vec<_>>() {
+        s.await.unwrap().unwrap();
+    }
+    assert!(!catalog.read().named(&customers).is_empty());
+    assert_eq!(catalog.lookups(), 1);
+}

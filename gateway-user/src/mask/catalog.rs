@@ -102,6 +102,8 @@ pub struct Catalog {
     /// Changes whenever what the cache knows changes, so plans made from it
     /// can be reused until then.
     generation: std::sync::atomic::AtomicU64,
+    /// Catalog queries sent so far.
+    lookups: std::sync::atomic::AtomicU64,
 }
 
 impl Catalog {
@@ -119,6 +121,11 @@ impl Catalog {
         self.bump();
     }
 
+    /// How many catalog queries this cache has sent.
+    pub fn lookups(&self) -> u64 {
+        self.lookups.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     pub fn generation(&self) -> u64 {
         self.generation.load(std::sync::atomic::Ordering::Acquire)
     }
@@ -131,27 +138,32 @@ impl Catalog {
     /// Makes sure the relations with these OIDs and names, their parents and
     /// what their views read are in the cache.
     pub async fn ensure(&self, oids: &[u32], names: &[&RelName]) -> Result<(), CatalogError> {
-        let stale = self.read().filled.is_some_and(|t| t.elapsed() > MAX_AGE);
-        if stale {
-            self.invalidate();
+        {
+            // Checked under the write lock: of the sessions that find the
+            // cache too old, only the first empties it.
+            let mut s = self.write();
+            if s.filled.is_some_and(|t| t.elapsed() > MAX_AGE) {
+                *s = State::default();
+                self.bump();
+            }
         }
         let mut want_oids: Vec<u32> = oids.to_vec();
         let mut want_names: Vec<String> = names.iter().map(|n| n.name.clone()).collect();
         for _ in 0..MAX_ROUNDS {
-            {
-                let s = self.read();
-                want_oids
-                    .retain(|o| *o != 0 && !s.by_oid.contains_key(o) && !s.missing.contains(o));
-                want_names.retain(|n| !s.asked.contains(n));
-            }
-            want_oids.sort_unstable();
-            want_oids.dedup();
-            want_names.sort();
-            want_names.dedup();
-            if want_oids.is_empty() && want_names.is_empty() {
+            if self.known_already(&mut want_oids, &mut want_names) {
                 return Ok(());
             }
-            let found = self.fetch(&want_oids, &want_names).await?;
+            // One lookup at a time per database. Sessions that waited here
+            // for one that was fetching the same relations (all of them, after
+            // the cache aged out) find them cached and ask nothing.
+            let mut conn = self.conn.lock().await;
+            if self.known_already(&mut want_oids, &mut want_names) {
+                return Ok(());
+            }
+            self.lookups
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let found = self.fetch(&mut conn, &want_oids, &want_names).await?;
+            drop(conn);
             let mut next_oids = Vec::new();
             let mut next_names = Vec::new();
             let mut s = self.write();
@@ -182,9 +194,28 @@ impl Catalog {
         Ok(())
     }
 
-    async fn fetch(&self, oids: &[u32], names: &[String]) -> Result<Vec<Relation>, CatalogError> {
+    /// Drops what the cache already knows from the wanted lists; true when
+    /// nothing is left to ask.
+    fn known_already(&self, oids: &mut Vec<u32>, names: &mut Vec<String>) -> bool {
+        {
+            let s = self.read();
+            oids.retain(|o| *o != 0 && !s.by_oid.contains_key(o) && !s.missing.contains(o));
+            names.retain(|n| !s.asked.contains(n));
+        }
+        oids.sort_unstable();
+        oids.dedup();
+        names.sort();
+        names.dedup();
+        oids.is_empty() && names.is_empty()
+    }
+
+    async fn fetch(
+        &self,
+        guard: &mut Option<Upstream>,
+        oids: &[u32],
+        names: &[String],
+    ) -> Result<Vec<Relation>, CatalogError> {
         let sql = lookup_sql(oids, names);
-        let mut guard = self.conn.lock().await;
         // One retry on a fresh connection: the old one may have been closed
         // by the server (idle timeout, restart).
         for attempt in 0..2 {
@@ -351,6 +382,7 @@ impl Catalogs {
                         conn: tokio::sync::Mutex::new(None),
                         state: RwLock::new(State::default()),
                         generation: Default::default(),
+                        lookups: Default::default(),
                     })
                 }),
         )

@@ -249,11 +249,19 @@ async fn authenticate(
                 scram = Some(s);
             }
             AUTH_SASL_CONTINUE => {
-                let s = scram
-                    .as_mut()
+                let mut s = scram
+                    .take()
                     .ok_or_else(|| UpstreamError::Protocol("SASL continue before start".into()))?;
-                s.update(payload).map_err(UpstreamError::Scram)?;
+                // Salting the password is thousands of HMAC rounds (about a
+                // millisecond): done off the relay thread, so a burst of
+                // logins does not stall the sessions already relaying.
+                let payload = payload.to_vec();
+                let s = tokio::task::spawn_blocking(move || s.update(&payload).map(|()| s))
+                    .await
+                    .map_err(|e| UpstreamError::Protocol(format!("SCRAM computation failed: {e}")))?
+                    .map_err(UpstreamError::Scram)?;
                 pgfe::sasl_response(s.message(), &mut out)?;
+                scram = Some(s);
             }
             AUTH_SASL_FINAL => {
                 let s = scram

@@ -84,31 +84,43 @@ fn every_line_has_the_schema_fields_and_no_client_literal() {
     );
 }
 
+/// A gateway with its own `--audit` flags and stdout, for the tests that
+/// need what `Gateway` fixes (an audit file): its process, port, and the
+/// path of its stderr log (in `dir`).
+fn gateway_with_audit(
+    db: &Cluster,
+    dir: &std::path::Path,
+    audit: &[&str],
+    stdout: std::process::Stdio,
+) -> (agentgate_tests::KillOnDrop, u16, std::path::PathBuf) {
+    let pw = dir.join("pw");
+    std::fs::write(&pw, GW_PASSWORD).unwrap();
+    let port = agentgate_tests::free_port();
+    let stderr = dir.join("stderr.log");
+    let child = Command::new(agentgate_tests::gateway::binary())
+        .args(["run", "--listen", &format!("127.0.0.1:{port}")])
+        .args(audit)
+        .args(["--upstream", &db.addr(), "--upstream-user", GW_USER])
+        .arg("--upstream-password-file")
+        .arg(&pw)
+        .env("AGENTGATE_LOG", "debug")
+        .stdout(stdout)
+        .stderr(std::fs::File::create(&stderr).unwrap())
+        .spawn()
+        .unwrap();
+    (agentgate_tests::KillOnDrop(child), port, stderr)
+}
+
 #[test]
 fn an_unwritable_audit_trail_stops_statements() {
     let db = Cluster::start();
     let dir = tempfile::tempdir().unwrap();
-    let pw = dir.path().join("pw");
-    std::fs::write(&pw, GW_PASSWORD).unwrap();
     // /dev/full fails every write with ENOSPC: a full disk.
-    let port = agentgate_tests::free_port();
-    let stderr = dir.path().join("stderr.log");
-    let mut child = agentgate_tests::KillOnDrop(
-        Command::new(agentgate_tests::gateway::binary())
-            .args([
-                "run",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--audit",
-                "/dev/full",
-            ])
-            .args(["--upstream", &db.addr(), "--upstream-user", GW_USER])
-            .arg("--upstream-password-file")
-            .arg(&pw)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(&stderr).unwrap())
-            .spawn()
-            .unwrap(),
+    let (mut child, port, stderr) = gateway_with_audit(
+        &db,
+        dir.path(),
+        &["--audit", "/dev/full"],
+        std::process::Stdio::null(),
     );
     assert!(agentgate_tests::cluster::wait_port(port));
     let dsn = format!("host=127.0.0.1 port={port} user=a dbname=postgres");
@@ -141,24 +153,13 @@ fn a_stalled_audit_pipe_holds_statements_back_and_loses_none() {
     const STATEMENTS: u64 = 3000;
     let db = Cluster::start();
     let dir = tempfile::tempdir().unwrap();
-    let pw = dir.path().join("pw");
-    std::fs::write(&pw, GW_PASSWORD).unwrap();
-    let port = agentgate_tests::free_port();
-    let stderr = dir.path().join("stderr.log");
     // A small buffer: the pipe (64 KiB), the writer's batch in hand and this
     // fill up within a few hundred statements.
-    let mut child = agentgate_tests::KillOnDrop(
-        Command::new(agentgate_tests::gateway::binary())
-            .args(["run", "--listen", &format!("127.0.0.1:{port}")])
-            .args(["--audit", "-", "--audit-buffer-bytes", "65536"])
-            .args(["--upstream", &db.addr(), "--upstream-user", GW_USER])
-            .arg("--upstream-password-file")
-            .arg(&pw)
-            .env("AGENTGATE_LOG", "debug")
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::fs::File::create(&stderr).unwrap())
-            .spawn()
-            .unwrap(),
+    let (mut child, port, stderr) = gateway_with_audit(
+        &db,
+        dir.path(),
+        &["--audit", "-", "--audit-buffer-bytes", "65536"],
+        std::process::Stdio::piped(),
     );
     let stdout = child.0.stdout.take().unwrap();
     assert!(agentgate_tests::cluster::wait_port(port));

@@ -262,37 +262,92 @@ fn execute_without_any_describe_is_masked_and_unchanged_in_shape() {
     }
 }
 
-/// Many sessions needing the same relations at once (every client of a
-/// restarted agent, or all of them after the cache ages out) cost the
-/// database one catalog query, not one each.
-#[tokio::test(flavor = "multi_thread")]
-async fn concurrent_sessions_share_one_catalog_lookup() {
+/// The masking catalog of `db`'s `postgres` database, as the gateway keeps it.
+fn catalog_of(db: &Cluster) -> std::sync::Arc<agentgate::mask::catalog::Catalog> {
     use agentgate::mask::catalog::Catalogs;
     use agentgate::session::UpstreamSettings;
-    use agentgate::sql::lineage::RelName;
-
-    let db = Cluster::start();
-    db.load_sample();
-    let catalogs = Catalogs::new(UpstreamSettings {
+    Catalogs::new(UpstreamSettings {
         addr: Some(db.addr()),
         user: GW_USER.into(),
         password: Some(agentgate_tests::cluster::GW_PASSWORD.into()),
         tls: None,
         connect_timeout: std::time::Duration::from_secs(10),
-    });
-    let catalog = catalogs.get(&db.addr(), "postgres");
-    let customers = RelName {
+    })
+    .get(&db.addr(), "postgres")
+}
+
+fn rel(name: &str) -> agentgate::sql::lineage::RelName {
+    agentgate::sql::lineage::RelName {
         schema: None,
-        name: "customers".into(),
-    };
+        name: name.into(),
+    }
+}
+
+/// Many sessions needing the same relations at once (every client of a
+/// restarted agent, or all of them after the cache ages out) cost the
+/// database one catalog query, not one each.
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_sessions_share_one_catalog_lookup() {
+    let db = Cluster::start();
+    db.load_sample();
+    let catalog = catalog_of(&db);
     let sessions = (0..32).map(|_| {
         let catalog = std::sync::Arc::clone(&catalog);
-        let name = customers.clone();
-        tokio::spawn(async move { catalog.ensure(&[], &[&name]).await })
+        tokio::spawn(async move { catalog.ensure(&[], &[&rel("customers")]).await })
     });
     for s in sessions.collect::<Vec<_>>() {
         s.await.unwrap().unwrap();
     }
-    assert!(!catalog.read().named(&customers).is_empty());
+    assert!(!catalog.read().named(&rel("customers")).is_empty());
     assert_eq!(catalog.lookups(), 1);
+}
+
+/// A lookup abandoned half-way (its session ended while the database was
+/// still answering) does not leave its answer on the catalog connection for
+/// the next lookup to take as its own.
+#[test]
+fn an_abandoned_catalog_lookup_does_not_answer_the_next() {
+    use std::time::Duration;
+
+    let db = Cluster::start();
+    db.load_sample();
+    db.psql_super("CREATE VIEW held AS SELECT id FROM customers");
+    let catalog = catalog_of(&db);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    std::thread::scope(|scope| {
+        // Another transaction holds the view: the lookup waits in
+        // pg_get_viewdef until it commits.
+        let holder = scope.spawn(|| {
+            db.psql_super(
+                "BEGIN; LOCK TABLE held IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(3); COMMIT",
+            )
+        });
+        let locked = agentgate_tests::wait_for(Duration::from_secs(10), || {
+            db.psql_super(
+                "SELECT count(*) FROM pg_locks WHERE relation = 'held'::regclass AND mode = 'AccessExclusiveLock' AND granted",
+            )
+            .trim()
+            .eq("1")
+            .then_some(())
+        });
+        assert!(locked.is_some(), "the view was never locked");
+        let abandoned = rt.block_on(async {
+            tokio::time::timeout(
+                Duration::from_millis(500),
+                catalog.ensure(&[], &[&rel("held")]),
+            )
+            .await
+        });
+        assert!(abandoned.is_err(), "the lookup did not wait for the lock");
+        holder.join().unwrap();
+    });
+    rt.block_on(catalog.ensure(&[], &[&rel("customers")]))
+        .unwrap();
+    assert!(
+        !catalog.read().named(&rel("customers")).is_empty(),
+        "the lookup of customers was answered with another lookup's rows"
+    );
 }

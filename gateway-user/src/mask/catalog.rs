@@ -29,8 +29,12 @@ pub enum CatalogError {
     Io(#[from] std::io::Error),
     #[error("catalog query: {0}")]
     Read(#[from] ReadError),
+    /// The server refused the query; the connection is still usable.
     #[error("catalog query failed: {0}")]
     Query(String),
+    /// The server's answer could not be read; the connection is not usable.
+    #[error("catalog answer unreadable: {0}")]
+    Protocol(String),
 }
 
 /// One table, view, partition or other relation.
@@ -219,21 +223,33 @@ impl Catalog {
         // One retry on a fresh connection: the old one may have been closed
         // by the server (idle timeout, restart).
         for attempt in 0..2 {
-            if guard.is_none() {
-                let params = [
-                    ("user", self.settings.user.as_str()),
-                    ("database", self.database.as_str()),
-                    ("application_name", "agentgate-catalog"),
-                ];
-                *guard =
-                    Some(upstream::connect(&self.settings, &self.addr, 196608, &params).await?);
-            }
-            let Some(conn) = guard.as_mut() else { continue };
-            match simple_query(conn, &sql).await {
-                Ok(text) => return parse_relations(&text),
-                Err(e) if attempt == 0 && !matches!(e, CatalogError::Query(_)) => {
+            // The connection is taken out while a query is on it and put
+            // back only when the exchange finished: a lookup dropped half-way
+            // (its session ended) takes its connection with it, instead of
+            // leaving an unread answer for the next lookup to take as its own.
+            let mut conn = match guard.take() {
+                Some(c) => c,
+                None => {
+                    let params = [
+                        ("user", self.settings.user.as_str()),
+                        ("database", self.database.as_str()),
+                        ("application_name", "agentgate-catalog"),
+                    ];
+                    upstream::connect(&self.settings, &self.addr, 196608, &params).await?
+                }
+            };
+            match simple_query(&mut conn, &sql).await {
+                Ok(text) => {
+                    *guard = Some(conn);
+                    return parse_relations(&text);
+                }
+                // The server answered with an error and is ready again.
+                Err(e @ CatalogError::Query(_)) => {
+                    *guard = Some(conn);
+                    return Err(e);
+                }
+                Err(e) if attempt == 0 => {
                     tracing::debug!(error = %e, "catalog connection lost; reconnecting");
-                    *guard = None;
                 }
                 Err(e) => return Err(e),
             }
@@ -334,7 +350,7 @@ async fn simple_query(conn: &mut Upstream, sql: &str) -> Result<String, CatalogE
         match frame.tag() {
             rows::DATA_ROW if value.is_none() => {
                 let row = rows::decode_data_row(frame.body())
-                    .map_err(|e| CatalogError::Query(e.to_string()))?;
+                    .map_err(|e| CatalogError::Protocol(e.to_string()))?;
                 value = row
                     .first()
                     .copied()
@@ -343,7 +359,7 @@ async fn simple_query(conn: &mut Upstream, sql: &str) -> Result<String, CatalogE
             }
             backend::ERROR_RESPONSE => {
                 let f = backend::decode_error_fields(frame.tag(), frame.body())
-                    .map_err(|e| CatalogError::Query(e.to_string()))?;
+                    .map_err(|e| CatalogError::Protocol(e.to_string()))?;
                 error = Some(format!("{} ({})", f.message, f.code));
             }
             backend::READY_FOR_QUERY => break,

@@ -597,6 +597,23 @@ pub fn run(args: BenchArgs) -> Result<()> {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
+    drop((bouncer, gw_all, gw_def, gw_mask));
+    // The hot parts on their own (criterion), once the proxies are gone:
+    // frame splitting, analysis, the policy decision, masking a DataRow.
+    let micro = if args.only.is_none() {
+        let started = std::time::SystemTime::now();
+        // Criterion's own report goes to stderr with the progress lines;
+        // stdout keeps the tables.
+        exec(
+            cargo()
+                .args(["bench", "-p", "gateway-user", "--bench", "hot_paths"])
+                .stdout(std::io::stderr()),
+        )?;
+        micro_benchmarks(started)?
+    } else {
+        Vec::new()
+    };
+    print_micro(&micro);
     let json = serde_json::json!({
         "machine": machine(),
         "unix_time": stamp,
@@ -605,6 +622,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "runs": runs,
         "summary": summary,
         "instructions_per_transaction": instructions,
+        "micro_benchmarks": micro,
         "memory": {
             "peak_rss_kib": peak_kib,
             "rss_with_idle_kib": with_idle_kib,
@@ -621,13 +639,71 @@ pub fn run(args: BenchArgs) -> Result<()> {
         json_path.display(),
         svg_path.display()
     );
-    drop((bouncer, gw_all, gw_def, gw_mask));
-    if args.only.is_none() {
-        // The hot parts on their own (criterion): frame splitting, analysis,
-        // the policy decision, masking a DataRow.
-        exec(cargo().args(["bench", "-p", "gateway-user", "--bench", "hot_paths"]))?;
-    }
     Ok(())
+}
+
+#[derive(Debug, serde::Serialize)]
+struct Micro {
+    name: String,
+    median_ns: f64,
+}
+
+/// The medians criterion wrote for the benchmarks it ran since `started`.
+fn micro_benchmarks(started: std::time::SystemTime) -> Result<Vec<Micro>> {
+    let dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"))
+        .join("criterion");
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(&dir).with_context(|| format!("read {}", dir.display()))? {
+        let new = entry?.path().join("new");
+        let estimates = new.join("estimates.json");
+        let Ok(meta) = std::fs::metadata(&estimates) else {
+            continue;
+        };
+        if meta.modified()? < started {
+            continue; // a benchmark of an earlier run, no longer defined
+        }
+        let read = |f: &Path| -> Result<serde_json::Value> {
+            let text =
+                std::fs::read_to_string(f).with_context(|| format!("read {}", f.display()))?;
+            Ok(serde_json::from_str(&text)?)
+        };
+        let title = read(&new.join("benchmark.json"))?["title"]
+            .as_str()
+            .context("criterion benchmark without a title")?
+            .to_owned();
+        let median_ns = read(&estimates)?["median"]["point_estimate"]
+            .as_f64()
+            .context("criterion estimate without a median")?;
+        found.push(Micro {
+            name: title,
+            median_ns,
+        });
+    }
+    found.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(found)
+}
+
+fn print_micro(rows: &[Micro]) {
+    use std::io::Write;
+    if rows.is_empty() {
+        return;
+    }
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "\n| micro-benchmark (criterion) | median |");
+    let _ = writeln!(out, "|---|---:|");
+    for r in rows {
+        let t = r.median_ns;
+        let shown = if t >= 1_000_000.0 {
+            format!("{:.2} ms", t / 1_000_000.0)
+        } else if t >= 1_000.0 {
+            format!("{:.2} µs", t / 1_000.0)
+        } else {
+            format!("{t:.0} ns")
+        };
+        let _ = writeln!(out, "| {} | {shown} |", r.name);
+    }
 }
 
 #[derive(Debug, Clone, serde::Serialize)]

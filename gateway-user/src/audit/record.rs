@@ -189,14 +189,6 @@ impl Serialize for DecisionView<'_> {
     }
 }
 
-impl DecisionRecord {
-    /// The serialised object, made once per decision and shared by its
-    /// clones.
-    pub fn json(&self) -> &str {
-        decision_json(&self.0)
-    }
-}
-
 /// A decision's serialised object, made once and shared by its clones.
 pub fn decision_json(d: &crate::policy::Decision) -> &str {
     d.audit_form

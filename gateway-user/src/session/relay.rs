@@ -16,9 +16,7 @@ use super::masking::ResultMasker;
 use super::stream::{fill, ReadError};
 use super::tracker::{Completed, Expect, Named, PendingStatement, Tracker, Verdict};
 use super::Shared;
-use crate::audit::{
-    DecisionRecord, Record, RecordBody, SessionInfo, StatementRecord, StatementRef,
-};
+use crate::audit::{DecisionRecord, Record, RecordBody, SessionInfo, StatementRecord};
 use crate::mask::plan::RowSource;
 use crate::policy::masking::MaskSet;
 use crate::policy::{self, Decision, Policy, PolicyStore, Who};
@@ -179,15 +177,8 @@ impl Relay {
             }
             let audit = &self.shared.audit;
             let io = |e: crate::audit::AuditError| End::Io(e.to_string());
-            let line = StatementRef {
-                protocol: s.protocol,
-                analysis: &s.analysis,
-                index: s.index,
-                bytes: s.bytes,
-                prepared: s.prepared.as_deref(),
-            };
             if !audit
-                .try_emit_statement(&self.info, line, &s.decision, &c.outcome)
+                .try_emit_statement(&self.info, s.audited(), &s.decision, &c.outcome)
                 .map_err(io)?
             {
                 audit

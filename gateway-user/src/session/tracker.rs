@@ -10,7 +10,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::audit::Outcome;
+use crate::audit::{Outcome, StatementRef};
 use crate::mask::plan::RowSource;
 use crate::policy::Decision;
 use crate::sql::Analysis;
@@ -37,6 +37,19 @@ pub struct PendingStatement {
     /// its Bind asked for (none: all text; one: for every column).
     pub portal: Option<String>,
     pub formats: ResultFormats,
+}
+
+impl PendingStatement {
+    /// The facts its audit line is written from.
+    pub fn audited(&self) -> StatementRef<'_> {
+        StatementRef {
+            protocol: self.protocol,
+            analysis: &self.analysis,
+            index: self.index,
+            bytes: self.bytes,
+            prepared: self.prepared.as_deref(),
+        }
+    }
 }
 
 /// What a Describe asks about.
@@ -113,11 +126,13 @@ impl<V> Named<V> {
         self.get(t).is_some()
     }
 
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.statements.is_empty() && self.portals.is_empty()
     }
 
     pub fn insert(&mut self, t: Target<'_>, v: V) {
+        // Looked up first: the owned key is made only for a new name.
         let map = self.map_mut(t);
         match map.get_mut(name(t)) {
             Some(old) => *old = v,
@@ -127,8 +142,13 @@ impl<V> Named<V> {
         }
     }
 
+    /// Cheap when nothing is kept (a session that does not mask): the
+    /// name is not even hashed.
     pub fn remove(&mut self, t: Target<'_>) {
-        self.map_mut(t).remove(name(t));
+        let map = self.map_mut(t);
+        if !map.is_empty() {
+            map.remove(name(t));
+        }
     }
 }
 
@@ -224,7 +244,6 @@ impl Tracker {
     pub fn push(&mut self, expect: Expect, done: &mut Vec<Completed>) {
         // A new Parse or Bind of a name replaces what was described under it.
         match &expect {
-            _ if self.descriptions.is_empty() => {}
             Expect::Parse(name) => self.descriptions.remove(Target::Statement(name)),
             Expect::Bind(name) => self.descriptions.remove(Target::Portal(name)),
             _ => {}
@@ -274,10 +293,7 @@ impl Tracker {
                         Some(f) => {
                             self.descriptions.insert(target.as_target(), f);
                         }
-                        None if self.descriptions.is_empty() => {}
-                        None => {
-                            self.descriptions.remove(target.as_target());
-                        }
+                        None => self.descriptions.remove(target.as_target()),
                     }
                     self.queue.pop_front();
                     if hidden {

@@ -225,3 +225,27 @@ fn sql_prepare_is_bindable_and_deallocate_forgets_it() {
     c.send(&batch);
     assert_eq!(codes(&c.until_ready()), ["42501"]);
 }
+
+#[test]
+fn deallocate_all_forgets_named_statements_but_not_the_unnamed_one() {
+    // As in PostgreSQL, whose unnamed statement lives outside the table
+    // DEALLOCATE ALL empties. (A simple Query drops the unnamed statement
+    // by itself, so the DEALLOCATE ALL comes as a named statement.)
+    let db = Cluster::start();
+    let gw = Gateway::start(&db, &[]);
+    let mut c = RawConn::connect(gw.port, "agent");
+    assert!(codes(&c.simple("PREPARE q AS SELECT 8")).is_empty());
+    let mut batch = raw::parse("", "SELECT 7");
+    batch.extend(raw::parse("d", "DEALLOCATE ALL"));
+    batch.extend(raw::sync());
+    c.send(&batch);
+    assert_eq!(tags(&c.until_ready()), "11Z");
+
+    let mut unnamed = raw::bind("", "", &[]);
+    unnamed.extend(raw::execute("", 0));
+    unnamed.extend(raw::sync());
+    c.send(&unnamed);
+    let msgs = c.until_ready();
+    assert_eq!(tags(&msgs), "2DCZ", "{msgs:?}");
+    assert_eq!(&msgs[1].1[6..], b"7");
+}

@@ -4,6 +4,7 @@ mod cancel;
 mod client_auth;
 mod handshake;
 mod masking;
+mod names;
 mod relay;
 mod stream;
 pub mod tls;

@@ -13,8 +13,9 @@ use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use super::masking::ResultMasker;
+use super::names::{ByName, Named};
 use super::stream::{fill, ReadError};
-use super::tracker::{Completed, Expect, Named, PendingStatement, Tracker, Verdict};
+use super::tracker::{Completed, Expect, PendingStatement, Tracker, Verdict};
 use super::Shared;
 use crate::audit::{DecisionRecord, Record, RecordBody, SessionInfo, StatementRecord};
 use crate::mask::plan::RowSource;
@@ -212,8 +213,8 @@ impl Relay {
         let splitter = FrameSplitter::new(self.shared.max_frame_bytes);
         let mut state = FrontendState {
             judge: Judge::new(who),
-            statements: HashMap::default(),
-            portals: HashMap::default(),
+            statements: ByName::default(),
+            portals: ByName::default(),
             cursors: HashMap::default(),
             described: Named::default(),
             inject: None,
@@ -357,7 +358,7 @@ impl Relay {
                 });
                 if !same {
                     state.statements.insert(
-                        parse.statement.to_owned(),
+                        parse.statement,
                         Arc::new(Prepared {
                             analysis,
                             index: 0,
@@ -375,7 +376,7 @@ impl Relay {
                 match state.statements.get(bind.statement) {
                     Some(p) => {
                         state.portals.insert(
-                            bind.portal.to_owned(),
+                            bind.portal,
                             Portal {
                                 prepared: Arc::clone(p),
                                 formats: bind.result_formats,
@@ -690,8 +691,8 @@ fn ends_result(tag: u8) -> bool {
 
 struct FrontendState {
     judge: Judge,
-    statements: HashMap<String, Arc<Prepared>, Fast>,
-    portals: HashMap<String, Portal, Fast>,
+    statements: ByName<Arc<Prepared>>,
+    portals: ByName<Portal>,
     /// What each cursor declared through the gateway returns.
     cursors: HashMap<String, RowSource, Fast>,
     /// Statements and portals the client has described since they were
@@ -846,7 +847,7 @@ impl FrontendState {
                 PreparedEffect::None => {}
                 PreparedEffect::Prepare(name) => {
                     self.statements.insert(
-                        name.clone(),
+                        name,
                         Arc::new(Prepared {
                             analysis: Arc::clone(analysis),
                             index,
@@ -859,7 +860,7 @@ impl FrontendState {
                 PreparedEffect::Deallocate(name) => {
                     self.statements.remove(name);
                 }
-                PreparedEffect::DeallocateAll => self.statements.clear(),
+                PreparedEffect::DeallocateAll => self.statements.clear_named(),
             }
         }
     }

@@ -6,7 +6,7 @@
 //! replace with a denial, and mirrors the server's "discard until Sync"
 //! after an error in the extended protocol.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -18,6 +18,8 @@ use crate::wire::backend::{self, rows_in_tag};
 use crate::wire::frontend::{ResultFormats, Target};
 use crate::wire::rows::{self, Field};
 use crate::wire::{Frame, FrameRef};
+
+use super::names::Named;
 
 /// A statement on its way through, kept until its outcome is known.
 #[derive(Debug, Clone)]
@@ -73,81 +75,6 @@ impl From<Target<'_>> for Described {
         match t {
             Target::Statement(n) => Described::Statement(n.to_owned()),
             Target::Portal(n) => Described::Portal(n.to_owned()),
-        }
-    }
-}
-
-/// Values kept per prepared statement and per portal, looked up by a
-/// borrowed name (drivers re-describe the unnamed ones on every execution,
-/// so a lookup must not build an owned key).
-#[derive(Debug)]
-pub struct Named<V> {
-    statements: ByName<V>,
-    portals: ByName<V>,
-}
-
-impl<V> Default for Named<V> {
-    fn default() -> Self {
-        Self {
-            statements: HashMap::default(),
-            portals: HashMap::default(),
-        }
-    }
-}
-
-type ByName<V> = HashMap<String, V, foldhash::fast::RandomState>;
-
-fn name(t: Target<'_>) -> &str {
-    match t {
-        Target::Statement(n) | Target::Portal(n) => n,
-    }
-}
-
-impl<V> Named<V> {
-    fn map(&self, t: Target<'_>) -> &ByName<V> {
-        match t {
-            Target::Statement(_) => &self.statements,
-            Target::Portal(_) => &self.portals,
-        }
-    }
-
-    fn map_mut(&mut self, t: Target<'_>) -> &mut ByName<V> {
-        match t {
-            Target::Statement(_) => &mut self.statements,
-            Target::Portal(_) => &mut self.portals,
-        }
-    }
-
-    pub fn get(&self, t: Target<'_>) -> Option<&V> {
-        self.map(t).get(name(t))
-    }
-
-    pub fn contains(&self, t: Target<'_>) -> bool {
-        self.get(t).is_some()
-    }
-
-    #[cfg(test)]
-    pub fn is_empty(&self) -> bool {
-        self.statements.is_empty() && self.portals.is_empty()
-    }
-
-    pub fn insert(&mut self, t: Target<'_>, v: V) {
-        // Looked up first: the owned key is made only for a new name.
-        let map = self.map_mut(t);
-        match map.get_mut(name(t)) {
-            Some(old) => *old = v,
-            None => {
-                map.insert(name(t).to_owned(), v);
-            }
-        }
-    }
-
-    /// Cheap when nothing is kept (a session that does not mask): the
-    /// name is not even hashed.
-    pub fn remove(&mut self, t: Target<'_>) {
-        let map = self.map_mut(t);
-        if !map.is_empty() {
-            map.remove(name(t));
         }
     }
 }
@@ -542,22 +469,6 @@ mod tests {
             portal: None,
             formats: ResultFormats::default(),
         }))
-    }
-
-    #[test]
-    fn statements_and_portals_of_one_name_are_kept_apart() {
-        let mut n = Named::default();
-        assert!(n.is_empty());
-        n.insert(Target::Statement("s"), 1);
-        n.insert(Target::Portal("s"), 2);
-        n.insert(Target::Portal("s"), 3);
-        assert_eq!(n.get(Target::Statement("s")), Some(&1));
-        assert_eq!(n.get(Target::Portal("s")), Some(&3));
-        n.remove(Target::Statement("s"));
-        assert!(!n.contains(Target::Statement("s")));
-        assert!(n.contains(Target::Portal("s")));
-        n.remove(Target::Portal("s"));
-        assert!(n.is_empty());
     }
 
     #[test]

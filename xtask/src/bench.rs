@@ -20,6 +20,26 @@ use agentgate_tests::Cluster;
 
 use crate::{cargo, exec, root};
 
+mod targets;
+
+// Configuration and workload names: the tables, the JSON and the targets
+// all match on them.
+const DIRECT: &str = "direct";
+const PGBOUNCER: &str = "pgbouncer";
+const AGENTGATE: &str = "agentgate";
+const AGENTGATE_DEFAULT: &str = "agentgate+default";
+const AGENTGATE_MASKED: &str = "agentgate+2 masked";
+/// Select-only with 8 clients, by protocol mode.
+const SELECT_8: [(&str, &str); 3] = [
+    ("simple", "select-only simple, 8 clients"),
+    ("extended", "select-only extended, 8 clients"),
+    ("prepared", "select-only prepared, 8 clients"),
+];
+const TPCB: &str = "tpcb-like, 8 clients";
+const ONE_CLIENT: &str = "select-only prepared, 1 client";
+const BULK_SELECT: &str = "1M-row SELECT";
+const BULK_COPY: &str = "1M-row COPY TO STDOUT";
+
 #[derive(clap::Args)]
 pub struct BenchArgs {
     /// Seconds per pgbench run.
@@ -382,27 +402,27 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let (gw_mask, gw_mask_port) = start_gateway(&db, w, "agentgate-masked", &masked, None)?;
     let configs = [
         Config {
-            name: "direct",
+            name: DIRECT,
             port: db.port,
             pid: None,
         },
         Config {
-            name: "pgbouncer",
+            name: PGBOUNCER,
             port: bouncer_port,
             pid: Some(bouncer.0.id()),
         },
         Config {
-            name: "agentgate",
+            name: AGENTGATE,
             port: gw_all_port,
             pid: Some(gw_all.0.id()),
         },
         Config {
-            name: "agentgate+default",
+            name: AGENTGATE_DEFAULT,
             port: gw_def_port,
             pid: Some(gw_def.0.id()),
         },
         Config {
-            name: "agentgate+2 masked",
+            name: AGENTGATE_MASKED,
             port: gw_mask_port,
             pid: Some(gw_mask.0.id()),
         },
@@ -410,27 +430,27 @@ pub fn run(args: BenchArgs) -> Result<()> {
 
     let workloads = [
         Pgbench {
-            name: "select-only simple, 8 clients",
+            name: SELECT_8[0].1,
             args: &["-S", "-M", "simple"],
             clients: 8,
         },
         Pgbench {
-            name: "select-only extended, 8 clients",
+            name: SELECT_8[1].1,
             args: &["-S", "-M", "extended"],
             clients: 8,
         },
         Pgbench {
-            name: "select-only prepared, 8 clients",
+            name: SELECT_8[2].1,
             args: &["-S", "-M", "prepared"],
             clients: 8,
         },
         Pgbench {
-            name: "tpcb-like, 8 clients",
+            name: TPCB,
             args: &["-b", "tpcb-like"],
             clients: 8,
         },
         Pgbench {
-            name: "select-only prepared, 1 client",
+            name: ONE_CLIENT,
             args: &["-S", "-M", "prepared"],
             clients: 1,
         },
@@ -447,9 +467,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     for wl in workloads.iter().filter(|w| selected(w.name)) {
         for round in 0..args.rounds {
             let mut direct_rate = None;
-            for c in configs.iter().filter(|c| c.name != "agentgate+2 masked") {
+            for c in configs.iter().filter(|c| c.name != AGENTGATE_MASKED) {
                 // The default policy refuses writes: TPC-B is not its workload.
-                if c.name == "agentgate+default" && wl.name.starts_with("tpcb") {
+                if c.name == AGENTGATE_DEFAULT && wl.name == TPCB {
                     continue;
                 }
                 let before = c.pid.map(cpu_ticks);
@@ -463,7 +483,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     ),
                     _ => None,
                 };
-                if c.name == "direct" {
+                if c.name == DIRECT {
                     direct_rate = Some(tps);
                 }
                 eprintln!(
@@ -488,15 +508,15 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     // Bulk results: rows per second through a real client.
     for (name, query, copy) in [
-        ("1M-row SELECT", "SELECT a, b, c, d FROM bulk", false),
-        ("1M-row COPY TO STDOUT", "COPY bulk TO STDOUT", true),
+        (BULK_SELECT, "SELECT a, b, c, d FROM bulk", false),
+        (BULK_COPY, "COPY bulk TO STDOUT", true),
     ] {
         if !selected(name) {
             continue;
         }
         for round in 0..args.rounds {
             let mut direct_rate = None;
-            for c in configs.iter().filter(|c| c.name != "agentgate+default") {
+            for c in configs.iter().filter(|c| c.name != AGENTGATE_DEFAULT) {
                 let before = c.pid.map(cpu_ticks);
                 let (rate, rows) = bulk(c.port, query, copy)?;
                 let cpu = match (c.pid, before) {
@@ -505,7 +525,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     ),
                     _ => None,
                 };
-                if c.name == "direct" {
+                if c.name == DIRECT {
                     direct_rate = Some(rate);
                 }
                 eprintln!(
@@ -553,13 +573,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
         };
         type Start<'a> = Box<dyn Fn(&Path) -> Result<Started> + 'a>;
         let proxies: [(&str, Start); 3] = [
-            ("pgbouncer", Box::new(pgbouncer)),
+            (PGBOUNCER, Box::new(pgbouncer)),
             (
-                "agentgate",
+                AGENTGATE,
                 Box::new(gateway("cg-allow-all", allow_all.clone())),
             ),
             (
-                "agentgate+default",
+                AGENTGATE_DEFAULT,
                 Box::new(gateway("cg-default", default.clone())),
             ),
         ];
@@ -591,6 +611,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let summary = summarise(&runs);
     print_table(&summary, peak_kib, with_idle_kib, per_idle_kib, args.idle);
     print_instructions(&instructions);
+    let verdicts = targets::judge(&runs, (args.idle > 0).then_some(per_idle_kib));
+    targets::print(&verdicts);
     let out = root().join("target/bench");
     std::fs::create_dir_all(&out)?;
     let stamp = std::time::SystemTime::now()
@@ -622,6 +644,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "runs": runs,
         "summary": summary,
         "instructions_per_transaction": instructions,
+        "targets": verdicts,
         "micro_benchmarks": micro,
         "memory": {
             "peak_rss_kib": peak_kib,
@@ -884,7 +907,7 @@ fn print_instructions(rows: &[Instructions]) {
     for r in rows {
         let base = rows
             .iter()
-            .find(|b| b.mode == r.mode && b.config == "pgbouncer")
+            .find(|b| b.mode == r.mode && b.config == PGBOUNCER)
             .map(|b| b.per_transaction)
             .filter(|b| *b > 0.0);
         let _ = writeln!(
@@ -941,7 +964,7 @@ fn machine() -> serde_json::Value {
 
 /// A bar chart of the median ratios to direct, one group per workload.
 fn svg(s: &[Summary]) -> String {
-    let bars: Vec<&Summary> = s.iter().filter(|r| r.config != "direct").collect();
+    let bars: Vec<&Summary> = s.iter().filter(|r| r.config != DIRECT).collect();
     let h = 24.0;
     let height = bars.len() as f64 * h + 60.0;
     let mut out = format!(
@@ -960,8 +983,8 @@ fn svg(s: &[Summary]) -> String {
         let y = 40.0 + i as f64 * h;
         let ratio = r.median_ratio.unwrap_or(0.0);
         let color = match r.config.as_str() {
-            "pgbouncer" => "#8888cc",
-            "agentgate" => "#cc6633",
+            PGBOUNCER => "#8888cc",
+            AGENTGATE => "#cc6633",
             _ => "#dd9955",
         };
         out.push_str(&format!(

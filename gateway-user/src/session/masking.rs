@@ -83,7 +83,11 @@ impl ResultMasker {
         let (rows, facts) = match tracker.head() {
             Head::Statement(s) => (
                 s.rows.clone(),
-                s.analysis.statements.get(s.index).map(|f| &f.output),
+                s.statement
+                    .analysis
+                    .statements
+                    .get(s.statement.index)
+                    .map(|f| &f.output),
             ),
             _ => (RowSource::Unknown, None),
         };

@@ -166,9 +166,10 @@ impl Relay {
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let s = &c.statement;
             let ddl = s
+                .statement
                 .analysis
                 .statements
-                .get(s.index)
+                .get(s.statement.index)
                 .is_some_and(|f| f.kinds.contains(&"ddl"));
             if ddl && c.outcome.status == "ok" {
                 // Names, columns or views may have changed under the masks.
@@ -179,7 +180,7 @@ impl Relay {
             let audit = &self.shared.audit;
             let io = |e: crate::audit::AuditError| End::Io(e.to_string());
             if !audit
-                .try_emit_statement(&self.info, s.audited(), &s.decision, &c.outcome)
+                .try_emit_statement(&self.info, s.statement.as_ref(), &s.decision, &c.outcome)
                 .map_err(io)?
             {
                 audit
@@ -483,15 +484,17 @@ impl Relay {
             fe::FUNCTION_CALL => {
                 let decision = Decision::function_call();
                 let pending = vec![PendingStatement {
-                    protocol: "function_call",
-                    analysis: Arc::new(Analysis {
-                        statements: Vec::new(),
-                        parse_error: None,
-                        shareable: false,
-                    }),
-                    index: 0,
-                    bytes: body.len(),
-                    prepared: None,
+                    statement: StatementRecord {
+                        protocol: "function_call",
+                        analysis: Arc::new(Analysis {
+                            statements: Vec::new(),
+                            parse_error: None,
+                            shareable: false,
+                        }),
+                        index: 0,
+                        bytes: body.len(),
+                        prepared: None,
+                    },
                     decision: decision.clone(),
                     started: Instant::now(),
                     rows: RowSource::NoData,
@@ -871,11 +874,13 @@ fn pending_for(p: &Prepared, decision: &Decision, rows: RowSource) -> PendingSta
         rows,
         portal: None,
         formats: fe::ResultFormats::default(),
-        protocol: "extended",
-        analysis: Arc::clone(&p.analysis),
-        index: p.index,
-        bytes: p.bytes,
-        prepared: Some(Arc::clone(&p.name)),
+        statement: StatementRecord {
+            protocol: "extended",
+            analysis: Arc::clone(&p.analysis),
+            index: p.index,
+            bytes: p.bytes,
+            prepared: Some(Arc::clone(&p.name)),
+        },
         decision: decision.clone(),
         started: Instant::now(),
     }
@@ -905,11 +910,13 @@ fn pending_statements(
             },
             portal: None,
             formats: fe::ResultFormats::default(),
-            protocol,
-            analysis: Arc::clone(analysis),
-            index,
-            bytes,
-            prepared: prepared.map(Arc::from),
+            statement: StatementRecord {
+                protocol,
+                analysis: Arc::clone(analysis),
+                index,
+                bytes,
+                prepared: prepared.map(Arc::from),
+            },
             decision: decision.clone(),
             started,
         })
@@ -918,18 +925,11 @@ fn pending_statements(
 
 fn statement_record(info: &Arc<SessionInfo>, c: Completed) -> Record {
     let s = *c.statement;
-    let statement = StatementRecord {
-        protocol: s.protocol,
-        analysis: s.analysis,
-        index: s.index,
-        bytes: s.bytes,
-        prepared: s.prepared,
-    };
     Record::new(
         "statement",
         Arc::clone(info),
         RecordBody::Statement {
-            statement,
+            statement: s.statement,
             decision: DecisionRecord(s.decision),
             outcome: c.outcome,
         },

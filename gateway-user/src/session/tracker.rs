@@ -10,10 +10,9 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::audit::{Outcome, StatementRef};
+use crate::audit::{Outcome, StatementRecord};
 use crate::mask::plan::RowSource;
 use crate::policy::Decision;
-use crate::sql::Analysis;
 use crate::wire::backend::{self, rows_in_tag};
 use crate::wire::frontend::{ResultFormats, Target};
 use crate::wire::rows::{self, Field};
@@ -24,13 +23,8 @@ use super::names::Named;
 /// A statement on its way through, kept until its outcome is known.
 #[derive(Debug, Clone)]
 pub struct PendingStatement {
-    pub protocol: &'static str,
-    pub analysis: Arc<Analysis>,
-    /// Which statement of the analysis this is.
-    pub index: usize,
-    /// Bytes of the client's text (the whole query string).
-    pub bytes: usize,
-    pub prepared: Option<Arc<str>>,
+    /// What its audit line says about it.
+    pub statement: StatementRecord,
     pub decision: Decision,
     pub started: Instant,
     /// What its rows are made of, for masking computed columns.
@@ -39,19 +33,6 @@ pub struct PendingStatement {
     /// its Bind asked for (none: all text; one: for every column).
     pub portal: Option<String>,
     pub formats: ResultFormats,
-}
-
-impl PendingStatement {
-    /// The facts its audit line is written from.
-    pub fn audited(&self) -> StatementRef<'_> {
-        StatementRef {
-            protocol: self.protocol,
-            analysis: &self.analysis,
-            index: self.index,
-            bytes: self.bytes,
-            prepared: self.prepared.as_deref(),
-        }
-    }
 }
 
 /// What a Describe asks about.
@@ -291,7 +272,7 @@ impl Tracker {
         if let Some(f) = self.descriptions.get(Target::Portal(portal)) {
             return Some(std::sync::Arc::clone(f));
         }
-        let name = s.prepared.as_ref()?;
+        let name = s.statement.prepared.as_ref()?;
         let f = self.descriptions.get(Target::Statement(name))?;
         let mut fields: Vec<Field> = f.as_ref().clone();
         for (i, field) in fields.iter_mut().enumerate() {
@@ -458,11 +439,13 @@ mod tests {
 
     fn execute() -> Expect {
         Expect::Execute(Box::new(PendingStatement {
-            protocol: "extended",
-            analysis: Arc::new(crate::sql::analyze("SELECT 1")),
-            index: 0,
-            bytes: 8,
-            prepared: None,
+            statement: StatementRecord {
+                protocol: "extended",
+                analysis: Arc::new(crate::sql::analyze("SELECT 1")),
+                index: 0,
+                bytes: 8,
+                prepared: None,
+            },
             decision: Decision::unparseable(),
             started: Instant::now(),
             rows: RowSource::NoData,

@@ -2,7 +2,9 @@
 //! pgbouncer, measured side by side in one run.
 //!
 //! Configurations are interleaved (A B C D A B C D ...) within each workload
-//! so that drift on a noisy machine hits all alike. For each run: TPS (or
+//! so that drift on a noisy machine hits all alike, and each run starts
+//! after the page cache's dirty data is written out, so that no run pays for
+//! an earlier one's audit trail. For each run: TPS (or
 //! rows/s), mean and p99 latency, the ratio to direct in the same round, and
 //! the CPU seconds the proxy itself used per 1000 transactions (from
 //! /proc/PID/stat), which is the figure that travels to other machines.
@@ -77,6 +79,19 @@ impl Drop for Proc {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// Writes out the dirty pages earlier runs left (a gateway writes ~40 MB of
+/// audit a second under load) before the next run starts. Left to the
+/// kernel's flusher, that write-back lands on whichever run comes 5-30 s
+/// later: measured, the fourth configuration of a round lost ~10% TPS
+/// whichever gateway it was, and the loss went away with this.
+fn settle() -> Result<()> {
+    let status = Command::new("sync").status().context("run sync")?;
+    if !status.success() {
+        bail!("sync failed with {status}");
+    }
+    Ok(())
 }
 
 /// Clock ticks of user + system CPU a process has used.
@@ -472,6 +487,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 if c.name == AGENTGATE_DEFAULT && wl.name == TPCB {
                     continue;
                 }
+                settle()?;
                 let before = c.pid.map(cpu_ticks);
                 let (tps, mean, p99, failed, processed) =
                     pgbench(c.port, wl, args.seconds, &logdir)?;
@@ -517,6 +533,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         for round in 0..args.rounds {
             let mut direct_rate = None;
             for c in configs.iter().filter(|c| c.name != AGENTGATE_DEFAULT) {
+                settle()?;
                 let before = c.pid.map(cpu_ticks);
                 let (rate, rows) = bulk(c.port, query, copy)?;
                 let cpu = match (c.pid, before) {

@@ -13,6 +13,9 @@ pub const DEFAULT_MAX_FRAME_BYTES: usize = 64 * 1024 * 1024;
 /// About ten thousand statement records: a second or more of a busy
 /// gateway's output, enough to ride out a slow log shipper.
 pub const DEFAULT_AUDIT_BUFFER_BYTES: usize = 8 * 1024 * 1024;
+/// Long enough for a typical statement or short transaction to finish, well
+/// inside Kubernetes' default 30 s between SIGTERM and SIGKILL.
+pub const DEFAULT_SHUTDOWN_GRACE_SECONDS: u64 = 5;
 pub const UPSTREAM_PASSWORD_ENV: &str = "AGENTGATE_UPSTREAM_PASSWORD";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum, Default)]
@@ -109,6 +112,10 @@ pub struct RunArgs {
     /// pgbouncer), 0 one per CPU [default: 1].
     #[arg(long, value_name = "N")]
     pub worker_threads: Option<usize>,
+    /// At SIGTERM, how long sessions may finish their statements and open
+    /// transactions before they are cut [default: 5].
+    #[arg(long, value_name = "SECONDS")]
+    pub shutdown_grace: Option<u64>,
 }
 
 /// An agent allowed to log in with `--client-auth password`.
@@ -148,6 +155,7 @@ pub struct FileConfig {
     #[serde(default)]
     pub capture_ports: Vec<u16>,
     pub worker_threads: Option<usize>,
+    pub shutdown_grace: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -190,6 +198,7 @@ pub struct Settings {
     pub probes: Option<PathBuf>,
     pub capture_ports: Vec<u16>,
     pub worker_threads: usize,
+    pub shutdown_grace: std::time::Duration,
 }
 
 pub fn read_secret(what: &'static str, path: &Path) -> Result<String, ConfigError> {
@@ -318,6 +327,11 @@ impl Settings {
             probes: args.probes.or(file.probes),
             capture_ports,
             worker_threads: args.worker_threads.or(file.worker_threads).unwrap_or(1),
+            shutdown_grace: std::time::Duration::from_secs(
+                args.shutdown_grace
+                    .or(file.shutdown_grace)
+                    .unwrap_or(DEFAULT_SHUTDOWN_GRACE_SECONDS),
+            ),
         })
     }
 }

@@ -19,8 +19,8 @@ use crate::sql::AnalysisCache;
 const ANALYSIS_CACHE_ENTRIES: usize = 16 * 1024;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const SHUTDOWN_FLUSH: Duration = Duration::from_secs(10);
-/// How long shutdown waits for sessions to end (those still logging in
-/// finish their login first; those relaying end at once).
+/// How long shutdown waits for sessions to end beyond the grace they get to
+/// finish their work (those still logging in finish their login first).
 const SESSION_DRAIN: Duration = Duration::from_secs(5);
 
 /// Checks the settings and builds what sessions share. Fails before
@@ -73,6 +73,7 @@ pub fn build(settings: &Settings) -> anyhow::Result<Arc<Shared>> {
         max_frame_bytes: settings.max_frame_bytes,
         intercept,
         shutdown: Default::default(),
+        shutdown_grace: settings.shutdown_grace,
         sessions: Default::default(),
     }))
 }
@@ -131,18 +132,20 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
         _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
     }
-    // No new sessions (the listener is gone); the open ones end now, each
-    // telling its client and auditing its statements in flight and its end.
+    // No new sessions (the listener is gone). The open ones end once their
+    // statements and transactions are done, or when the grace runs out, each
+    // telling its client and auditing what was still in flight and its end.
     shared.shutdown.cancel();
     shared.sessions.close();
-    if tokio::time::timeout(SESSION_DRAIN, shared.sessions.wait())
+    let drain = shared.shutdown_grace + SESSION_DRAIN;
+    if tokio::time::timeout(drain, shared.sessions.wait())
         .await
         .is_err()
     {
         tracing::error!(
             sessions = shared.sessions.len(),
             "sessions had not ended {}s after shutdown began (clients still logging in); they are cut",
-            SESSION_DRAIN.as_secs()
+            drain.as_secs()
         );
     }
     // A sink that stays unwritable (a closed pipe) must not hang the

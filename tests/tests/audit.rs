@@ -244,15 +244,113 @@ fn a_stalled_audit_pipe_holds_statements_back_and_loses_none() {
     );
 }
 
+/// SIGTERM does not abort an agent's work: a statement running and a
+/// transaction still open finish within the grace (the COMMIT sent after the
+/// signal commits), and only then are their sessions ended and audited.
+#[test]
+fn shutdown_lets_running_statements_and_open_transactions_finish() {
+    use std::time::Duration;
+
+    let db = Cluster::start();
+    db.psql_super("CREATE TABLE drained (x int)");
+    let mut gw = Gateway::start(&db, &["--shutdown-grace", "20"]);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (commit, sleep, ends) = rt.block_on(async {
+        let connect = |user: &str| {
+            let dsn = gw.dsn(user);
+            async move {
+                let (client, conn) = tokio_postgres::connect(&dsn, tokio_postgres::NoTls)
+                    .await
+                    .unwrap();
+                (client, tokio::spawn(conn))
+            }
+        };
+        let (writer, writer_conn) = connect("agent_writer").await;
+        writer
+            .batch_execute("BEGIN; INSERT INTO drained VALUES (1)")
+            .await
+            .unwrap();
+        let (sleeper, sleeper_conn) = connect("agent_sleeping").await;
+        let sleeping =
+            tokio::spawn(async move { sleeper.simple_query("SELECT pg_sleep(3)").await });
+        let running = agentgate_tests::wait_for(Duration::from_secs(20), || {
+            db.psql_super(
+                "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(3)'",
+            )
+            .trim()
+            .eq("1")
+            .then_some(())
+        });
+        assert!(running.is_some(), "pg_sleep never started");
+
+        Command::new("kill")
+            .arg(gw.pid().to_string())
+            .status()
+            .unwrap();
+        // Sent after the signal: the open transaction still gets to commit.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let commit = writer.batch_execute("COMMIT").await;
+        let sleep = tokio::time::timeout(Duration::from_secs(20), sleeping)
+            .await
+            .expect("the running statement never returned")
+            .unwrap();
+        let mut ends = Vec::new();
+        for conn in [writer_conn, sleeper_conn] {
+            let end = tokio::time::timeout(Duration::from_secs(20), conn)
+                .await
+                .expect("the session was not ended after its work was done")
+                .unwrap();
+            ends.push(
+                end.err()
+                    .and_then(|e| e.as_db_error().map(|d| d.code().code().to_owned())),
+            );
+        }
+        (commit, sleep, ends)
+    });
+    assert!(commit.is_ok(), "COMMIT after SIGTERM: {commit:?}");
+    assert!(sleep.is_ok(), "the running statement was cut: {sleep:?}");
+    assert_eq!(
+        ends,
+        [Some("57P01".to_owned()), Some("57P01".to_owned())],
+        "once done, each session is told the gateway shuts down"
+    );
+    assert_eq!(db.psql_super("SELECT count(*) FROM drained").trim(), "1");
+    let status = gw.wait();
+    assert!(status.success(), "{status:?}");
+
+    let lines = gw.audit();
+    for user in ["agent_writer", "agent_sleeping"] {
+        let ends: Vec<_> = lines
+            .iter()
+            .filter(|r| r["event"] == "session.end" && r["actor"]["user"] == user)
+            .collect();
+        assert_eq!(ends.len(), 1, "{user}: {lines:#?}");
+        assert_eq!(ends[0]["reason"], "gateway shutting down");
+    }
+    let statuses = |user: &str| -> Vec<String> {
+        lines
+            .iter()
+            .filter(|r| r["event"] == "statement" && r["actor"]["user"] == user)
+            .map(|r| r["outcome"]["status"].as_str().unwrap_or("").to_owned())
+            .collect()
+    };
+    assert_eq!(statuses("agent_writer"), ["ok", "ok", "ok"], "{lines:#?}");
+    assert_eq!(statuses("agent_sleeping"), ["ok"], "{lines:#?}");
+}
+
 /// SIGTERM (every pod rollout) ends the open sessions through the gateway:
-/// each client is told why, a statement still running is audited with an
-/// unknown outcome, and every session's end is in the trail before exit.
+/// each client is told why, a statement still running when the grace runs
+/// out is audited with an unknown outcome, and every session's end is in the
+/// trail before exit.
 #[test]
 fn shutdown_audits_the_end_of_every_open_session() {
     use std::time::Duration;
 
     let db = Cluster::start();
-    let mut gw = Gateway::start(&db, &[]);
+    let mut gw = Gateway::start(&db, &["--shutdown-grace", "1"]);
     // Worker threads drive the connections while this thread blocks on psql.
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -253,7 +253,8 @@ pub async fn handle(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     emit_end(&shared, &info, 0, started, end.describe()).await;
 }
 
-/// Runs both directions of a logged-in session until one ends, then tells
+/// Runs both directions of a logged-in session until one ends (or, at
+/// shutdown, until it rests between transactions), then tells
 /// the peers what they need to know: a FATAL to a client that broke the
 /// protocol, a Terminate upstream when the client is gone.
 ///
@@ -297,10 +298,24 @@ where
         (end, cw)
     });
     let lost = |e: tokio::task::JoinError| End::Io(format!("relay task failed: {e}"));
+    // At shutdown the session ends once the client's statements and open
+    // transaction are done (a rollout should not abort an agent's work), or
+    // when the grace runs out.
+    let shutdown = async {
+        relay.shared.shutdown.cancelled().await;
+        let grace = relay.shared.shutdown_grace;
+        if tokio::time::timeout(grace, relay.rested()).await.is_err() {
+            tracing::warn!(
+                session = %relay.info.session,
+                "session still busy {}s after shutdown began: its statements in flight are cut",
+                grace.as_secs()
+            );
+        }
+    };
     // The direction that ended first says why the session ends, unless the
     // gateway is shutting down.
     let (end, cw, uw) = tokio::select! {
-        _ = relay.shared.shutdown.cancelled() => {
+        _ = shutdown => {
             let _ = stop_front.send(());
             let _ = stop_back.send(());
             let uw = front.await.ok().map(|f| f.1);

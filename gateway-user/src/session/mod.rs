@@ -45,8 +45,10 @@ pub struct Shared {
     pub intercept: Option<crate::intercept::Interception>,
     /// Table names and view definitions for masking, per database.
     pub catalogs: crate::mask::catalog::Catalogs,
-    /// Cancelled at shutdown: every session ends and audits its end.
+    /// Cancelled at shutdown: every session ends and audits its end, once
+    /// it rests between transactions or `shutdown_grace` has passed.
     pub shutdown: tokio_util::sync::CancellationToken,
+    pub shutdown_grace: std::time::Duration,
     /// The running sessions, waited for at shutdown.
     pub sessions: tokio_util::task::TaskTracker,
 }

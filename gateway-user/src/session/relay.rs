@@ -134,6 +134,9 @@ pub struct Relay {
     statements_audited: std::sync::atomic::AtomicU64,
     /// The session's masking rules under the policy in force.
     mask: Mutex<Arc<MaskSet>>,
+    /// Woken, once shutdown has begun, whenever the backend has answered
+    /// everything sent so far.
+    rest: tokio::sync::Notify,
 }
 
 impl Relay {
@@ -144,6 +147,22 @@ impl Relay {
             tracker: Mutex::new(Tracker::default()),
             statements_audited: Default::default(),
             mask: Mutex::new(Arc::new(MaskSet::default())),
+            rest: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Returns once nothing is in flight and no transaction is open, so the
+    /// session can end at shutdown without cutting the client's work short.
+    pub async fn rested(&self) {
+        loop {
+            let woken = self.rest.notified();
+            tokio::pin!(woken);
+            // Registered before looking, so a wake-up in between is kept.
+            woken.as_mut().enable();
+            if self.tracker().at_rest() {
+                return;
+            }
+            woken.await;
         }
     }
 
@@ -670,6 +689,9 @@ impl Relay {
             }
             if let Err(end) = self.emit(&mut done).await {
                 return end;
+            }
+            if self.shared.shutdown.is_cancelled() {
+                self.rest.notify_waiters();
             }
             match fill(upstream, &mut buf).await {
                 Ok(()) => {}

@@ -135,6 +135,8 @@ pub struct Tracker {
     pub masking: bool,
     /// The last RowDescription's bytes and what they decoded to.
     last_shape: Option<(Vec<u8>, Arc<Vec<Field>>)>,
+    /// The last ReadyForQuery said a transaction block is open (or failed).
+    in_transaction: bool,
 }
 
 fn outcome(status: &'static str, started: Instant) -> Outcome {
@@ -217,6 +219,7 @@ impl Tracker {
             | backend::PORTAL_SUSPENDED => self.on_completion(frame, done),
             backend::ERROR_RESPONSE => return self.on_error(frame, done),
             backend::READY_FOR_QUERY => {
+                self.in_transaction = frame.body().first().is_some_and(|s| *s != b'I');
                 if let Some(head) = self.queue.front() {
                     let ends = match head {
                         Expect::Simple(_) | Expect::Sync => true,
@@ -246,6 +249,12 @@ impl Tracker {
         let fields = Arc::new(rows::decode_row_description(body).ok()?);
         self.last_shape = Some((body.to_vec(), Arc::clone(&fields)));
         Some(fields)
+    }
+
+    /// Nothing is in flight and no transaction is open: the session can end
+    /// without losing the client any work.
+    pub fn at_rest(&self) -> bool {
+        self.queue.is_empty() && !self.in_transaction
     }
 
     /// What the queue's head is.

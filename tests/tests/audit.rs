@@ -254,59 +254,24 @@ fn shutdown_lets_running_statements_and_open_transactions_finish() {
     let db = Cluster::start();
     db.psql_super("CREATE TABLE drained (x int)");
     let mut gw = Gateway::start(&db, &["--shutdown-grace", "20"]);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     let (commit, sleep, ends) = rt.block_on(async {
-        let connect = |user: &str| {
-            let dsn = gw.dsn(user);
-            async move {
-                let (client, conn) = tokio_postgres::connect(&dsn, tokio_postgres::NoTls)
-                    .await
-                    .unwrap();
-                (client, tokio::spawn(conn))
-            }
-        };
-        let (writer, writer_conn) = connect("agent_writer").await;
+        let (writer, writer_conn) = connect(&gw, "agent_writer").await;
         writer
             .batch_execute("BEGIN; INSERT INTO drained VALUES (1)")
             .await
             .unwrap();
-        let (sleeper, sleeper_conn) = connect("agent_sleeping").await;
-        let sleeping =
-            tokio::spawn(async move { sleeper.simple_query("SELECT pg_sleep(3)").await });
-        let running = agentgate_tests::wait_for(Duration::from_secs(20), || {
-            db.psql_super(
-                "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(3)'",
-            )
-            .trim()
-            .eq("1")
-            .then_some(())
-        });
-        assert!(running.is_some(), "pg_sleep never started");
-
-        Command::new("kill")
-            .arg(gw.pid().to_string())
-            .status()
-            .unwrap();
+        let (sleeper, sleeper_conn) = connect(&gw, "agent_sleeping").await;
+        let sleeping = start_sleep(&db, sleeper, 3);
+        sigterm(&gw);
         // Sent after the signal: the open transaction still gets to commit.
         tokio::time::sleep(Duration::from_millis(500)).await;
         let commit = writer.batch_execute("COMMIT").await;
-        let sleep = tokio::time::timeout(Duration::from_secs(20), sleeping)
-            .await
-            .expect("the running statement never returned")
-            .unwrap();
+        let sleep = within_20s(sleeping, "the running statement never returned").await;
         let mut ends = Vec::new();
         for conn in [writer_conn, sleeper_conn] {
-            let end = tokio::time::timeout(Duration::from_secs(20), conn)
-                .await
-                .expect("the session was not ended after its work was done")
-                .unwrap();
-            ends.push(
-                end.err()
-                    .and_then(|e| e.as_db_error().map(|d| d.code().code().to_owned())),
-            );
+            let end = within_20s(conn, "the session was not ended after its work was done").await;
+            ends.push(sqlstate(end.err().as_ref()));
         }
         (commit, sleep, ends)
     });
@@ -322,14 +287,7 @@ fn shutdown_lets_running_statements_and_open_transactions_finish() {
     assert!(status.success(), "{status:?}");
 
     let lines = gw.audit();
-    for user in ["agent_writer", "agent_sleeping"] {
-        let ends: Vec<_> = lines
-            .iter()
-            .filter(|r| r["event"] == "session.end" && r["actor"]["user"] == user)
-            .collect();
-        assert_eq!(ends.len(), 1, "{user}: {lines:#?}");
-        assert_eq!(ends[0]["reason"], "gateway shutting down");
-    }
+    assert_ended_by_shutdown(&lines, &["agent_writer", "agent_sleeping"]);
     let statuses = |user: &str| -> Vec<String> {
         lines
             .iter()
@@ -347,62 +305,27 @@ fn shutdown_lets_running_statements_and_open_transactions_finish() {
 /// trail before exit.
 #[test]
 fn shutdown_audits_the_end_of_every_open_session() {
-    use std::time::Duration;
-
     let db = Cluster::start();
     let mut gw = Gateway::start(&db, &["--shutdown-grace", "1"]);
-    // Worker threads drive the connections while this thread blocks on psql.
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     let (idle_err, sleeping_err) = rt.block_on(async {
-        let connect = |user: &str| {
-            let dsn = gw.dsn(user);
-            async move {
-                let (client, conn) = tokio_postgres::connect(&dsn, tokio_postgres::NoTls)
-                    .await
-                    .unwrap();
-                let conn = tokio::spawn(conn);
-                (client, conn)
-            }
-        };
-        let (idle, idle_conn) = connect("agent_idle").await;
+        let (idle, idle_conn) = connect(&gw, "agent_idle").await;
         idle.simple_query("SELECT 1").await.unwrap();
-        let (sleeper, sleeper_conn) = connect("agent_sleeping").await;
-        let sleeping =
-            tokio::spawn(async move { sleeper.simple_query("SELECT pg_sleep(60)").await });
-        let running = agentgate_tests::wait_for(Duration::from_secs(20), || {
-            db.psql_super(
-                "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(60)'",
-            )
-            .trim()
-            .eq("1")
-            .then_some(())
-        });
-        assert!(running.is_some(), "pg_sleep never started");
-
-        Command::new("kill")
-            .arg(gw.pid().to_string())
-            .status()
-            .unwrap();
-        let sleeping_err = tokio::time::timeout(Duration::from_secs(20), sleeping)
+        let (sleeper, sleeper_conn) = connect(&gw, "agent_sleeping").await;
+        let sleeping = start_sleep(&db, sleeper, 60);
+        sigterm(&gw);
+        let sleeping_err = within_20s(sleeping, "the running statement was not ended")
             .await
-            .expect("the running statement was not ended")
-            .unwrap()
             .expect_err("pg_sleep cannot finish");
-        let idle_err = tokio::time::timeout(Duration::from_secs(20), idle_conn)
+        let idle_err = within_20s(idle_conn, "the idle session was not ended")
             .await
-            .expect("the idle session was not ended")
-            .unwrap()
             .expect_err("the idle session ends with an error");
         let _ = sleeper_conn.await;
         (idle_err, sleeping_err)
     });
     for e in [&idle_err, &sleeping_err] {
-        let db_error = e.as_db_error();
         assert_eq!(
-            db_error.map(|d| d.code().code()),
+            sqlstate(Some(e)).as_deref(),
             Some("57P01"),
             "clients are told the gateway shuts down: {e:?}"
         );
@@ -411,17 +334,72 @@ fn shutdown_audits_the_end_of_every_open_session() {
     assert!(status.success(), "{status:?}");
 
     let lines = gw.audit();
-    for user in ["agent_idle", "agent_sleeping"] {
-        let ends: Vec<_> = lines
-            .iter()
-            .filter(|r| r["event"] == "session.end" && r["actor"]["user"] == user)
-            .collect();
-        assert_eq!(ends.len(), 1, "{user}: {lines:#?}");
-        assert_eq!(ends[0]["reason"], "gateway shutting down");
-    }
+    assert_ended_by_shutdown(&lines, &["agent_idle", "agent_sleeping"]);
     let sleep = lines
         .iter()
         .find(|r| r["event"] == "statement" && r["actor"]["user"] == "agent_sleeping")
         .expect("the running statement is audited");
     assert_eq!(sleep["outcome"]["status"], "unknown");
+}
+
+// Worker threads drive the connections while the test thread blocks on psql.
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+type Connection = tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>;
+
+async fn connect(gw: &Gateway, user: &str) -> (tokio_postgres::Client, Connection) {
+    let (client, conn) = tokio_postgres::connect(&gw.dsn(user), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    (client, tokio::spawn(conn))
+}
+
+type Sleeping =
+    tokio::task::JoinHandle<Result<Vec<tokio_postgres::SimpleQueryMessage>, tokio_postgres::Error>>;
+
+/// Runs `SELECT pg_sleep(secs)` and returns once the server is running it.
+fn start_sleep(db: &Cluster, client: tokio_postgres::Client, secs: u32) -> Sleeping {
+    let sql = format!("SELECT pg_sleep({secs})");
+    let running = format!("SELECT count(*) FROM pg_stat_activity WHERE query = '{sql}'");
+    let sleeping = tokio::spawn(async move { client.simple_query(&sql).await });
+    let started = agentgate_tests::wait_for(std::time::Duration::from_secs(20), || {
+        db.psql_super(&running).trim().eq("1").then_some(())
+    });
+    assert!(started.is_some(), "pg_sleep never started");
+    sleeping
+}
+
+fn sigterm(gw: &Gateway) {
+    Command::new("kill")
+        .arg(gw.pid().to_string())
+        .status()
+        .unwrap();
+}
+
+async fn within_20s<T>(task: tokio::task::JoinHandle<T>, what: &str) -> T {
+    tokio::time::timeout(std::time::Duration::from_secs(20), task)
+        .await
+        .expect(what)
+        .unwrap()
+}
+
+fn sqlstate(e: Option<&tokio_postgres::Error>) -> Option<String> {
+    e.and_then(|e| e.as_db_error().map(|d| d.code().code().to_owned()))
+}
+
+/// Each user's session ended once, for the shutdown.
+fn assert_ended_by_shutdown(lines: &[serde_json::Value], users: &[&str]) {
+    for user in users {
+        let ends: Vec<_> = lines
+            .iter()
+            .filter(|r| r["event"] == "session.end" && r["actor"]["user"] == *user)
+            .collect();
+        assert_eq!(ends.len(), 1, "{user}: {lines:#?}");
+        assert_eq!(ends[0]["reason"], "gateway shutting down");
+    }
 }

@@ -22,6 +22,7 @@ use agentgate_tests::Cluster;
 
 use crate::{cargo, exec, root};
 
+mod interrupt;
 mod targets;
 
 // Configuration and workload names: the tables, the JSON and the targets
@@ -87,6 +88,7 @@ impl Drop for Proc {
 /// later: measured, the fourth configuration of a round lost ~10% TPS
 /// whichever gateway it was, and the loss went away with this.
 fn settle() -> Result<()> {
+    interrupt::check()?;
     let status = Command::new("sync").status().context("run sync")?;
     if !status.success() {
         bail!("sync failed with {status}");
@@ -175,10 +177,18 @@ fn pgbench(
         .args(w.args)
         .arg("postgres")
         .env("PGPASSWORD", GW_PASSWORD)
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .context("run pgbench")?;
+    let out = {
+        let _stoppable = interrupt::running(out.id());
+        out.wait_with_output().context("run pgbench")?
+    };
     let text = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {
+        // Stopped by a signal to the bench: say that, not how pgbench died.
+        interrupt::check()?;
         bail!(
             "pgbench {}: {}\n{text}",
             w.name,
@@ -367,6 +377,7 @@ fn start_pgbouncer(db: &Cluster, dir: &Path, callgrind: Option<&Path>) -> Result
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
+    interrupt::install()?;
     exec(cargo().args(["build", "--release", "-p", "gateway-user"]))?;
     let db = Cluster::start_with(Options {
         extra_conf: vec![
@@ -839,6 +850,7 @@ fn instructions_per_tx(
         let mut attempt = 0;
         totals[i] = loop {
             attempt += 1;
+            interrupt::check()?;
             let out = prefix.with_extension(format!("{i}.out"));
             let (proxy, port, log) = start(&out)?;
             let run = Command::new(format!("{PG_BIN}/pgbench"))

@@ -134,8 +134,8 @@ pub struct Relay {
     statements_audited: std::sync::atomic::AtomicU64,
     /// The session's masking rules under the policy in force.
     mask: Mutex<Arc<MaskSet>>,
-    /// Woken, once shutdown has begun, whenever the backend has answered
-    /// everything sent so far.
+    /// Woken, once shutdown has begun, after each batch the backend
+    /// direction passes to the client, so a drain can look again.
     rest: tokio::sync::Notify,
 }
 

@@ -46,11 +46,9 @@ impl<'a> Cursor<'a> {
     }
 
     pub(crate) fn cstr_bytes(&mut self) -> Result<&'a [u8], DecodeError> {
-        let nul = self
-            .buf
-            .iter()
-            .position(|&b| b == 0)
-            .ok_or_else(|| self.truncated())?;
+        // Every statement's text is scanned here: a word at a time, not a
+        // byte at a time.
+        let nul = memchr::memchr(0, self.buf).ok_or_else(|| self.truncated())?;
         let (s, rest) = self.buf.split_at(nul);
         self.buf = &rest[1..];
         Ok(s)

@@ -267,7 +267,9 @@ fn shutdown_lets_running_statements_and_open_transactions_finish() {
         // Sent after the signal: the open transaction still gets to commit.
         tokio::time::sleep(Duration::from_millis(500)).await;
         let commit = writer.batch_execute("COMMIT").await;
-        let sleep = within_20s(sleeping, "the running statement never returned").await;
+        // The client stays open until its session's end is seen: dropped,
+        // it would close the connection itself, racing the gateway's FATAL.
+        let (sleep, _sleeper) = within_20s(sleeping, "the running statement never returned").await;
         let mut ends = Vec::new();
         for conn in [writer_conn, sleeper_conn] {
             let end = within_20s(conn, "the session was not ended after its work was done").await;
@@ -314,9 +316,9 @@ fn shutdown_audits_the_end_of_every_open_session() {
         let (sleeper, sleeper_conn) = connect(&gw, "agent_sleeping").await;
         let sleeping = start_sleep(&db, sleeper, 60);
         sigterm(&gw);
-        let sleeping_err = within_20s(sleeping, "the running statement was not ended")
-            .await
-            .expect_err("pg_sleep cannot finish");
+        let (sleeping, _sleeper) =
+            within_20s(sleeping, "the running statement was not ended").await;
+        let sleeping_err = sleeping.expect_err("pg_sleep cannot finish");
         let idle_err = within_20s(idle_conn, "the idle session was not ended")
             .await
             .expect_err("the idle session ends with an error");
@@ -359,14 +361,17 @@ async fn connect(gw: &Gateway, user: &str) -> (tokio_postgres::Client, Connectio
     (client, tokio::spawn(conn))
 }
 
-type Sleeping =
-    tokio::task::JoinHandle<Result<Vec<tokio_postgres::SimpleQueryMessage>, tokio_postgres::Error>>;
+type Sleeping = tokio::task::JoinHandle<(
+    Result<Vec<tokio_postgres::SimpleQueryMessage>, tokio_postgres::Error>,
+    tokio_postgres::Client,
+)>;
 
-/// Runs `SELECT pg_sleep(secs)` and returns once the server is running it.
+/// Runs `SELECT pg_sleep(secs)` and returns once the server is running it;
+/// the task gives back the result and the client.
 fn start_sleep(db: &Cluster, client: tokio_postgres::Client, secs: u32) -> Sleeping {
     let sql = format!("SELECT pg_sleep({secs})");
     let running = format!("SELECT count(*) FROM pg_stat_activity WHERE query = '{sql}'");
-    let sleeping = tokio::spawn(async move { client.simple_query(&sql).await });
+    let sleeping = tokio::spawn(async move { (client.simple_query(&sql).await, client) });
     let started = agentgate_tests::wait_for(std::time::Duration::from_secs(20), || {
         db.psql_super(&running).trim().eq("1").then_some(())
     });

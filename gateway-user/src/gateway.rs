@@ -137,14 +137,15 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     // telling its client and auditing what was still in flight and its end.
     shared.shutdown.cancel();
     shared.sessions.close();
-    let drain = shared.shutdown_grace + SESSION_DRAIN;
+    // Saturating: a grace of u64::MAX seconds means "wait as long as it takes".
+    let drain = shared.shutdown_grace.saturating_add(SESSION_DRAIN);
     if tokio::time::timeout(drain, shared.sessions.wait())
         .await
         .is_err()
     {
         tracing::error!(
             sessions = shared.sessions.len(),
-            "sessions had not ended {}s after shutdown began (clients still logging in); they are cut",
+            "sessions had not ended {}s after shutdown began; they are cut",
             drain.as_secs()
         );
     }

@@ -86,7 +86,8 @@ impl Drop for Proc {
 /// audit a second under load) before the next run starts. Left to the
 /// kernel's flusher, that write-back lands on whichever run comes 5-30 s
 /// later: measured, the fourth configuration of a round lost ~10% TPS
-/// whichever gateway it was, and the loss went away with this.
+/// whichever gateway it was, and the loss went away with this. Also where
+/// an interrupted bench stops, between runs.
 fn settle() -> Result<()> {
     interrupt::check()?;
     let status = Command::new("sync").status().context("run sync")?;

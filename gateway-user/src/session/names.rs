@@ -9,7 +9,9 @@ use std::collections::HashMap;
 
 use crate::wire::frontend::Target;
 
-type Fast = foldhash::fast::RandomState;
+/// Per-session maps keyed by names the client chooses, looked up on every
+/// message: a fast hasher (each session's maps are its own).
+pub(super) type Fast = foldhash::fast::RandomState;
 
 /// Values by statement (or portal) name, the unnamed one kept apart.
 #[derive(Debug)]

@@ -2,10 +2,6 @@
 //! forwarded, backend messages are accounted for and passed back.
 
 use std::collections::HashMap;
-
-/// Per-session maps keyed by names the client chooses, looked up on every
-/// message: a fast hasher (each session's maps are its own).
-type Fast = foldhash::fast::RandomState;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -13,7 +9,7 @@ use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use super::masking::ResultMasker;
-use super::names::{ByName, Named};
+use super::names::{ByName, Fast, Named};
 use super::stream::{fill, ReadError};
 use super::tracker::{Completed, Expect, PendingStatement, Tracker, Verdict};
 use super::Shared;

@@ -22,8 +22,11 @@ use agentgate_tests::Cluster;
 
 use crate::{cargo, exec, root};
 
+mod audit_trail;
 mod interrupt;
 mod targets;
+
+use audit_trail::{Appended, Trail};
 
 // Configuration and workload names: the tables, the JSON and the targets
 // all match on them.
@@ -71,6 +74,8 @@ struct Config {
     port: u16,
     /// The process whose CPU and memory are measured.
     pid: Option<u32>,
+    /// A gateway's audit file, checked after each pgbench run.
+    audit: Option<PathBuf>,
 }
 
 struct Proc(Child);
@@ -139,12 +144,18 @@ struct Run {
     proxy_cpu_per_1000: Option<f64>,
     ratio_to_direct: Option<f64>,
     failed: u64,
+    /// Statements in the transactions pgbench completed.
+    statements_completed: Option<u64>,
+    /// What a gateway's audit trail shows for the run.
+    audit: Option<Appended>,
 }
 
 struct Pgbench<'a> {
     name: &'static str,
     args: &'a [&'a str],
     clients: u32,
+    /// Statements per transaction: what the audit trail should show for each.
+    statements: u64,
 }
 
 fn pgbench(
@@ -301,7 +312,7 @@ fn start_gateway(
         .arg("--policy")
         .arg(policy)
         .arg("--audit")
-        .arg(dir.join(format!("{name}-audit.jsonl")))
+        .arg(audit_path(dir, name))
         .env("AGENTGATE_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.join(format!("{name}.log")))?)
@@ -310,6 +321,10 @@ fn start_gateway(
         bail!("agentgate ({name}) did not start");
     }
     Ok((Proc(child), port))
+}
+
+fn audit_path(dir: &Path, gateway: &str) -> PathBuf {
+    dir.join(format!("{gateway}-audit.jsonl"))
 }
 
 /// A policy directory: `base` plus one masking rule on `columns`.
@@ -424,34 +439,44 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "bench-bulk",
         "public.bulk.a, public.bulk.b",
     )?;
-    let (gw_all, gw_all_port) = start_gateway(&db, w, "agentgate-allow-all", &allow_all, None)?;
-    let (gw_def, gw_def_port) = start_gateway(&db, w, "agentgate-default", &default, None)?;
-    let (gw_mask, gw_mask_port) = start_gateway(&db, w, "agentgate-masked", &masked, None)?;
+    let gateway = |name: &str, policy: &Path| -> Result<(Proc, u16, PathBuf)> {
+        let (proc, port) = start_gateway(&db, w, name, policy, None)?;
+        Ok((proc, port, audit_path(w, name)))
+    };
+    let (gw_all, gw_all_port, gw_all_audit) = gateway("agentgate-allow-all", &allow_all)?;
+    let (gw_def, gw_def_port, gw_def_audit) = gateway("agentgate-default", &default)?;
+    let (gw_mask, gw_mask_port, _) = gateway("agentgate-masked", &masked)?;
     let configs = [
         Config {
             name: DIRECT,
             port: db.port,
             pid: None,
+            audit: None,
         },
         Config {
             name: PGBOUNCER,
             port: bouncer_port,
             pid: Some(bouncer.0.id()),
+            audit: None,
         },
         Config {
             name: AGENTGATE,
             port: gw_all_port,
             pid: Some(gw_all.0.id()),
+            audit: Some(gw_all_audit),
         },
         Config {
             name: AGENTGATE_DEFAULT,
             port: gw_def_port,
             pid: Some(gw_def.0.id()),
+            audit: Some(gw_def_audit),
         },
         Config {
             name: AGENTGATE_MASKED,
             port: gw_mask_port,
             pid: Some(gw_mask.0.id()),
+            // Its bulk runs are one statement each.
+            audit: None,
         },
     ];
 
@@ -460,36 +485,47 @@ pub fn run(args: BenchArgs) -> Result<()> {
             name: SELECT_8[0].1,
             args: &["-S", "-M", "simple"],
             clients: 8,
+            statements: 1,
         },
         Pgbench {
             name: SELECT_8[1].1,
             args: &["-S", "-M", "extended"],
             clients: 8,
+            statements: 1,
         },
         Pgbench {
             name: SELECT_8[2].1,
             args: &["-S", "-M", "prepared"],
             clients: 8,
+            statements: 1,
         },
         Pgbench {
             name: TPCB,
             args: &["-b", "tpcb-like"],
             clients: 8,
+            // BEGIN, three UPDATEs, a SELECT, an INSERT, END.
+            statements: 7,
         },
         Pgbench {
             name: ONE_CLIENT,
             args: &["-S", "-M", "prepared"],
             clients: 1,
+            statements: 1,
         },
         Pgbench {
             name: "select-only prepared, 64 clients",
             args: &["-S", "-M", "prepared"],
             clients: 64,
+            statements: 1,
         },
     ];
     let logdir = w.join("pgbench-logs");
     std::fs::create_dir_all(&logdir)?;
     let mut runs: Vec<Run> = Vec::new();
+    let mut trails: BTreeMap<&str, Trail> = configs
+        .iter()
+        .filter_map(|c| Some((c.name, Trail::new(c.audit.clone()?))))
+        .collect();
     let selected = |name: &str| args.only.as_deref().is_none_or(|o| name.contains(o));
     for wl in workloads.iter().filter(|w| selected(w.name)) {
         for round in 0..args.rounds {
@@ -511,14 +547,24 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     ),
                     _ => None,
                 };
+                // After the CPU reading: the check runs while the gateway idles.
+                let audit = match trails.get_mut(c.name) {
+                    Some(trail) => Some(trail.take()?),
+                    None => None,
+                };
                 if c.name == DIRECT {
                     direct_rate = Some(tps);
                 }
+                let statements = processed * wl.statements;
                 eprintln!(
-                    "bench: {} / {} / round {}: {tps:.0} tps",
+                    "bench: {} / {} / round {}: {tps:.0} tps{}",
                     wl.name,
                     c.name,
-                    round + 1
+                    round + 1,
+                    audit.map_or(String::new(), |a| format!(
+                        ", {} statements, {} audited, {} sequence gaps",
+                        statements, a.statement_lines, a.seq_gaps
+                    ))
                 );
                 runs.push(Run {
                     workload: wl.name.into(),
@@ -530,6 +576,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     proxy_cpu_per_1000: cpu,
                     ratio_to_direct: direct_rate.map(|d| tps / d),
                     failed,
+                    statements_completed: Some(statements),
+                    audit,
                 });
             }
         }
@@ -572,6 +620,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     proxy_cpu_per_1000: cpu,
                     ratio_to_direct: direct_rate.map(|d| rate / d),
                     failed: 0,
+                    statements_completed: None,
+                    audit: None,
                 });
             }
         }

@@ -141,6 +141,23 @@ pub fn judge(runs: &[Run], kib_per_idle: Option<f64>) -> Vec<Verdict> {
             ));
         }
     }
+    for config in [AGENTGATE, AGENTGATE_DEFAULT] {
+        let (audited, gaps) = audit_per_round(runs, config);
+        out.extend(verdict(
+            "audit: statement lines / statements pgbench completed".into(),
+            config,
+            audited,
+            Bound::AtLeast(1.0),
+            4,
+        ));
+        out.extend(verdict(
+            "audit: gaps in the sequence numbers".into(),
+            config,
+            gaps,
+            Bound::AtMost(0.0),
+            0,
+        ));
+    }
     if let Some(kib) = kib_per_idle {
         out.extend(verdict(
             "idle client connection: KiB of RSS each".into(),
@@ -151,6 +168,25 @@ pub fn judge(runs: &[Run], kib_per_idle: Option<f64>) -> Vec<Verdict> {
         ));
     }
     out
+}
+
+/// Over each round's pgbench runs through `config`: the statement lines its
+/// audit trail gained per statement pgbench completed (at least 1: pgbench's
+/// own set-up queries and a statement cut off by the run's end add lines,
+/// a lost record takes one away), and the gaps in the lines' numbering.
+fn audit_per_round(runs: &[Run], config: &str) -> (Vec<f64>, Vec<f64>) {
+    let mut rounds: std::collections::BTreeMap<usize, (u64, u64, u64)> = Default::default();
+    for r in runs.iter().filter(|r| r.config == config) {
+        if let (Some(a), Some(done)) = (r.audit, r.statements_completed) {
+            let e = rounds.entry(r.round).or_default();
+            *e = (e.0 + a.statement_lines, e.1 + done, e.2 + a.seq_gaps);
+        }
+    }
+    rounds
+        .into_values()
+        .filter(|(_, done, _)| *done > 0)
+        .map(|(lines, done, gaps)| (lines as f64 / done as f64, gaps as f64))
+        .unzip()
 }
 
 pub fn print(verdicts: &[Verdict]) {
@@ -200,6 +236,8 @@ mod tests {
             proxy_cpu_per_1000: Some(cpu),
             ratio_to_direct: None,
             failed: 0,
+            statements_completed: None,
+            audit: None,
         }
     }
 
@@ -239,5 +277,38 @@ mod tests {
         assert_eq!(v.len(), 2);
         assert!(v[0].met && (v[0].median + 2.0).abs() < 1e-6, "{:?}", v[0]);
         assert!(!v[1].met && (v[1].median - 5.0).abs() < 1e-6, "{:?}", v[1]);
+    }
+
+    #[test]
+    fn audit_is_judged_per_round_over_every_workload() {
+        let audited = |workload: &str, round, done, lines, gaps| Run {
+            statements_completed: Some(done),
+            audit: Some(crate::bench::audit_trail::Appended {
+                lines: lines + 16,
+                statement_lines: lines,
+                seq_gaps: gaps,
+            }),
+            ..run(workload, AGENTGATE, round, 1.0, 0.01, 0.1)
+        };
+        let runs = vec![
+            // Round 0: two set-up queries more than pgbench completed.
+            audited(SELECT_8[0].1, 0, 1000, 1002, 0),
+            audited(TPCB, 0, 7000, 7000, 0),
+            // Round 1: one record lost, and a gap.
+            audited(SELECT_8[0].1, 1, 1000, 1000, 0),
+            audited(TPCB, 1, 7000, 6999, 1),
+        ];
+        let v = judge(&runs, None);
+        let lines = v
+            .iter()
+            .find(|v| v.target.contains("statement lines"))
+            .unwrap();
+        assert_eq!(lines.per_round, [8002.0 / 8000.0, 7999.0 / 8000.0]);
+        assert_eq!((lines.rounds_met, lines.config), (1, AGENTGATE));
+        let gaps = v.iter().find(|v| v.target.contains("gaps")).unwrap();
+        assert_eq!(gaps.per_round, [0.0, 1.0]);
+        assert_eq!(gaps.rounds_met, 1);
+        // Nothing judged for a configuration without audit figures.
+        assert!(v.iter().all(|v| v.config == AGENTGATE));
     }
 }

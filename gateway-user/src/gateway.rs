@@ -60,6 +60,7 @@ pub fn build(settings: &Settings) -> anyhow::Result<Arc<Shared>> {
         password: settings.upstream_password.clone(),
         tls: upstream_tls,
         connect_timeout: CONNECT_TIMEOUT,
+        salted: Default::default(),
     };
     Ok(Arc::new(Shared {
         policy,

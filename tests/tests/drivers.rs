@@ -2,7 +2,7 @@
 //! statements, COPY, notifications, notices, cancel, upstream auth methods,
 //! client SCRAM, and a database that goes away and comes back.
 
-use agentgate_tests::cluster::{GW_MD5_PASSWORD, GW_MD5_USER, SUPERUSER};
+use agentgate_tests::cluster::{GW_MD5_PASSWORD, GW_MD5_USER, GW_PASSWORD, GW_USER, SUPERUSER};
 use agentgate_tests::{Cluster, Gateway};
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt, TryStreamExt};
@@ -261,6 +261,47 @@ async fn upstream_md5_and_trust_logins() {
         .await
         .err()
         .expect("refused");
+    let msg = err
+        .as_db_error()
+        .map(|e| e.message().to_owned())
+        .unwrap_or_default();
+    assert!(msg.contains("refused the gateway's credentials"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn upstream_scram_logins_follow_a_password_reset() {
+    // The gateway keeps its salted password per server salt; a reset gives
+    // the role a new salt, and logins must follow it.
+    let db = Cluster::start();
+    let gw = Gateway::start(&db, &[]);
+    let salt = || {
+        db.psql_super(&format!(
+            "SELECT split_part(rolpassword, '$', 2) FROM pg_authid WHERE rolname = '{GW_USER}'"
+        ))
+    };
+    let who = || async {
+        let c = connect(&gw.dsn("agent_reset")).await;
+        c.query_one("SELECT current_user::text", &[])
+            .await
+            .unwrap()
+            .get::<_, String>(0)
+    };
+    // The first login salts, the second reuses it.
+    assert_eq!(who().await, GW_USER);
+    assert_eq!(who().await, GW_USER);
+
+    let before = salt();
+    db.psql_super(&format!(
+        "SET password_encryption = 'scram-sha-256'; ALTER ROLE {GW_USER} PASSWORD '{GW_PASSWORD}'"
+    ));
+    assert_ne!(salt(), before, "a reset draws a new salt");
+    assert_eq!(who().await, GW_USER, "same password, new salt");
+
+    db.psql_super(&format!("ALTER ROLE {GW_USER} PASSWORD 'rotated-away'"));
+    let err = tokio_postgres::connect(&gw.dsn("agent_reset"), NoTls)
+        .await
+        .err()
+        .expect("refused once the password changed");
     let msg = err
         .as_db_error()
         .map(|e| e.message().to_owned())

@@ -272,6 +272,7 @@ fn catalog_of(db: &Cluster) -> std::sync::Arc<agentgate::mask::catalog::Catalog>
         password: Some(agentgate_tests::cluster::GW_PASSWORD.into()),
         tls: None,
         connect_timeout: std::time::Duration::from_secs(10),
+        salted: Default::default(),
     })
     .get(&db.addr(), "postgres")
 }

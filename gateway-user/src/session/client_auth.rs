@@ -6,13 +6,12 @@ use std::collections::HashMap;
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
-use hmac::{Hmac, Mac};
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 
-use crate::config::{read_secret, AgentEntry, ConfigError};
+use super::scram::{constant_time_eq, hmac};
 
-type HmacSha256 = Hmac<Sha256>;
+use crate::config::{read_secret, AgentEntry, ConfigError};
 
 /// What the gateway stores for one agent: never the secret itself.
 #[derive(Clone)]
@@ -234,17 +233,6 @@ impl ScramServer {
         let server_signature = hmac(&self.verifier.server_key, auth_message.as_bytes());
         Ok(format!("v={}", B64.encode(server_signature)))
     }
-}
-
-fn hmac(key: &[u8], msg: &[u8]) -> [u8; 32] {
-    // HMAC accepts keys of any length, so new_from_slice cannot fail.
-    let mut mac = HmacSha256::new_from_slice(key).unwrap_or_else(|_| unreachable!());
-    mac.update(msg);
-    mac.finalize().into_bytes().into()
-}
-
-fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 #[cfg(test)]

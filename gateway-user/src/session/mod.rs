@@ -6,6 +6,7 @@ mod handshake;
 mod masking;
 mod names;
 mod relay;
+mod scram;
 mod stream;
 pub mod tls;
 mod tracker;
@@ -21,6 +22,7 @@ use crate::sql::AnalysisCache;
 
 pub use cancel::{CancelRegistry, CancelTarget};
 pub use client_auth::{AgentRegistry, ScramServer, Verifier};
+pub use scram::{SaltedPasswords, ScramClientError};
 pub use stream::{read_frame, ReadError};
 pub use upstream::UpstreamSettings;
 

@@ -4,11 +4,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
+use postgres_protocol::authentication::sasl::SCRAM_SHA_256;
 use postgres_protocol::message::frontend as pgfe;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use super::scram::{salted_password, SaltedPasswords, ScramClient, ScramClientError};
 use super::stream::{read_frame, Conn, ReadError, UpstreamConn};
 use crate::wire::backend::{self, ErrorFields};
 use crate::wire::startup::{encode_request, encode_startup, SSL_REQUEST_CODE};
@@ -24,6 +25,8 @@ pub struct UpstreamSettings {
     pub password: Option<String>,
     pub tls: Option<Arc<rustls::ClientConfig>>,
     pub connect_timeout: Duration,
+    /// The password salted for each server salt seen (shared by clones).
+    pub salted: Arc<SaltedPasswords>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -47,7 +50,7 @@ pub enum UpstreamError {
     #[error("the database asks for authentication method {0}, which the gateway does not support")]
     UnsupportedAuth(i32),
     #[error("SCRAM exchange with the database failed: {0}")]
-    Scram(std::io::Error),
+    Scram(#[from] ScramClientError),
     /// The server answered with an ErrorResponse; the frame is kept so it can
     /// be passed on as the server sent it.
     #[error("the database refused the connection: {} ({})", .fields.message, .fields.code)]
@@ -200,7 +203,7 @@ async fn authenticate(
     splitter: FrameSplitter,
     settings: &UpstreamSettings,
 ) -> Result<(), UpstreamError> {
-    let mut scram: Option<ScramSha256> = None;
+    let mut scram: Option<ScramClient> = None;
     loop {
         let frame = read_frame(conn, buf, splitter).await?;
         match frame.tag() {
@@ -244,30 +247,46 @@ async fn authenticate(
                 if !offers_scram {
                     return Err(UpstreamError::UnsupportedAuth(code));
                 }
-                let s = ScramSha256::new(password()?.as_bytes(), ChannelBinding::unsupported());
-                pgfe::sasl_initial_response(SCRAM_SHA_256, s.message(), &mut out)?;
+                password()?;
+                let s = ScramClient::new();
+                pgfe::sasl_initial_response(SCRAM_SHA_256, s.first_message().as_bytes(), &mut out)?;
                 scram = Some(s);
             }
             AUTH_SASL_CONTINUE => {
-                let mut s = scram
-                    .take()
+                let s = scram
+                    .as_mut()
                     .ok_or_else(|| UpstreamError::Protocol("SASL continue before start".into()))?;
-                // Salting the password is thousands of HMAC rounds (about a
-                // millisecond): done off the relay thread, so a burst of
-                // logins does not stall the sessions already relaying.
-                let payload = payload.to_vec();
-                let s = tokio::task::spawn_blocking(move || s.update(&payload).map(|()| s))
-                    .await
-                    .map_err(|e| UpstreamError::Protocol(format!("SCRAM computation failed: {e}")))?
-                    .map_err(UpstreamError::Scram)?;
-                pgfe::sasl_response(s.message(), &mut out)?;
-                scram = Some(s);
+                let challenge = s.challenge(payload)?;
+                let salted = match settings.salted.get(&challenge.salt, challenge.iterations) {
+                    Some(salted) => salted,
+                    None => {
+                        // Salting is thousands of HMAC rounds (about a
+                        // millisecond): done off the relay thread, so a
+                        // burst of first logins does not stall the sessions
+                        // already relaying; kept, so later logins skip it.
+                        let password = password()?.to_owned();
+                        let (salt, iterations) = (challenge.salt.clone(), challenge.iterations);
+                        let salted = tokio::task::spawn_blocking(move || {
+                            salted_password(&password, &salt, iterations)
+                        })
+                        .await
+                        .map_err(|e| {
+                            UpstreamError::Protocol(format!("SCRAM computation failed: {e}"))
+                        })?;
+                        settings
+                            .salted
+                            .put(&challenge.salt, challenge.iterations, salted);
+                        salted
+                    }
+                };
+                let reply = s.respond(payload, &challenge, &salted);
+                pgfe::sasl_response(reply.as_bytes(), &mut out)?;
             }
             AUTH_SASL_FINAL => {
                 let s = scram
-                    .as_mut()
+                    .as_ref()
                     .ok_or_else(|| UpstreamError::Protocol("SASL final before start".into()))?;
-                s.finish(payload).map_err(UpstreamError::Scram)?;
+                s.verify(payload)?;
                 continue;
             }
             other => return Err(UpstreamError::UnsupportedAuth(other)),

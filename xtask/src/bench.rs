@@ -512,6 +512,15 @@ pub fn run(args: BenchArgs) -> Result<()> {
             clients: 1,
             statements: 1,
         },
+        // Agents that connect per task: every transaction logs in anew
+        // (pgbouncer answers from its pool; the gateway opens a server
+        // connection for each, as a direct client does).
+        Pgbench {
+            name: "select-only, new connection per transaction, 8 clients",
+            args: &["-S", "-M", "simple", "-C"],
+            clients: 8,
+            statements: 1,
+        },
         Pgbench {
             name: "select-only prepared, 64 clients",
             args: &["-S", "-M", "prepared"],

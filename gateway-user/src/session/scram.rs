@@ -141,6 +141,8 @@ pub struct ScramClient {
     client_first_bare: String,
     /// Set by `respond`: what the server's final message must carry.
     expected_server_signature: Option<[u8; 32]>,
+    /// The server's final message carried it.
+    verified: bool,
 }
 
 /// The GS2 header for "no channel binding", and its base64 (`c=`).
@@ -158,6 +160,7 @@ impl ScramClient {
             client_first_bare: format!("n=,r={nonce}"),
             nonce,
             expected_server_signature: None,
+            verified: false,
         }
     }
 
@@ -168,6 +171,9 @@ impl ScramClient {
 
     /// Reads the server-first message: `r=<nonce>,s=<salt>,i=<iterations>`.
     pub fn challenge(&self, server_first: &[u8]) -> Result<Challenge, ScramClientError> {
+        if self.expected_server_signature.is_some() {
+            return Err(ScramClientError::Malformed("a second server-first message"));
+        }
         let msg = std::str::from_utf8(server_first)
             .map_err(|_| ScramClientError::Malformed("not UTF-8"))?;
         if msg.starts_with("m=") {
@@ -231,10 +237,16 @@ impl ScramClient {
         format!("{without_proof},p={}", B64.encode(proof))
     }
 
+    /// The server has proved it holds the password's keys; until then a
+    /// login must not be taken as done.
+    pub fn verified(&self) -> bool {
+        self.verified
+    }
+
     /// Checks the server-final message: the server proves it holds the
     /// password's keys too, so a server that merely accepts any proof is
     /// caught.
-    pub fn verify(&self, server_final: &[u8]) -> Result<(), ScramClientError> {
+    pub fn verify(&mut self, server_final: &[u8]) -> Result<(), ScramClientError> {
         let msg = std::str::from_utf8(server_final)
             .map_err(|_| ScramClientError::Malformed("not UTF-8"))?;
         if let Some(e) = msg.strip_prefix("e=") {
@@ -250,7 +262,10 @@ impl ScramClient {
             .and_then(|v| v.try_into().ok())
             .ok_or(ScramClientError::Malformed("bad server signature encoding"))?;
         match &self.expected_server_signature {
-            Some(want) if constant_time_eq(want, &got) => Ok(()),
+            Some(want) if constant_time_eq(want, &got) => {
+                self.verified = true;
+                Ok(())
+            }
             Some(_) => Err(ScramClientError::ServerSignature),
             None => Err(ScramClientError::Malformed(
                 "final message before the challenge",
@@ -274,8 +289,16 @@ mod tests {
             .map_err(|e| e.to_string())?;
         let salted = salted_password(password, &challenge.salt, challenge.iterations);
         let last = client.respond(first.as_bytes(), &challenge, &salted);
+        // One challenge per exchange.
+        assert_eq!(
+            client.challenge(first.as_bytes()).unwrap_err(),
+            ScramClientError::Malformed("a second server-first message")
+        );
         let fin = server.finish(last.as_bytes()).map_err(|e| e.to_string())?;
-        client.verify(fin.as_bytes()).map_err(|e| e.to_string())
+        assert!(!client.verified());
+        client.verify(fin.as_bytes()).map_err(|e| e.to_string())?;
+        assert!(client.verified());
+        Ok(())
     }
 
     #[test]
@@ -304,6 +327,7 @@ mod tests {
             client.verify(b"e=invalid-proof"),
             Err(ScramClientError::Server("invalid-proof".into()))
         );
+        assert!(!client.verified());
     }
 
     #[test]

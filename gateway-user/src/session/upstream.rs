@@ -227,7 +227,17 @@ async fn authenticate(
         };
         let mut out = BytesMut::new();
         match code {
-            AUTH_OK => return Ok(()),
+            AUTH_OK => {
+                // A server that ends SCRAM without its final message has not
+                // proved it knows the password: not the database we meant.
+                if scram.as_ref().is_some_and(|s| !s.verified()) {
+                    return Err(ScramClientError::Malformed(
+                        "the server skipped its signature and accepted the login",
+                    )
+                    .into());
+                }
+                return Ok(());
+            }
             AUTH_CLEARTEXT => pgfe::password_message(password()?.as_bytes(), &mut out)?,
             AUTH_MD5 => {
                 let salt: [u8; 4] = payload
@@ -284,7 +294,7 @@ async fn authenticate(
             }
             AUTH_SASL_FINAL => {
                 let s = scram
-                    .as_ref()
+                    .as_mut()
                     .ok_or_else(|| UpstreamError::Protocol("SASL final before start".into()))?;
                 s.verify(payload)?;
                 continue;

@@ -3,6 +3,7 @@
 
 pub mod cluster;
 pub mod gateway;
+pub mod impostor;
 pub mod intercept;
 pub mod leak;
 pub mod raw;

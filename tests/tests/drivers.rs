@@ -309,57 +309,43 @@ async fn upstream_scram_logins_follow_a_password_reset() {
     assert!(msg.contains("refused the gateway's credentials"), "{err}");
 }
 
-/// A database impostor: it runs SCRAM's first round, then accepts the
-/// login without the final message that would prove it knows the password.
-fn scram_impostor() -> (u16, std::thread::JoinHandle<()>) {
-    use std::io::{Read, Write};
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let handle = std::thread::spawn(move || {
-        let (mut s, _) = listener.accept().unwrap();
-        let read_len = |s: &mut std::net::TcpStream| {
-            let mut len = [0u8; 4];
-            s.read_exact(&mut len).unwrap();
-            let mut body = vec![0u8; u32::from_be_bytes(len) as usize - 4];
-            s.read_exact(&mut body).unwrap();
-            body
-        };
-        let auth = |code: u32, data: &[u8]| {
-            let mut m = vec![b'R'];
-            m.extend_from_slice(&(8 + data.len() as u32).to_be_bytes());
-            m.extend_from_slice(&code.to_be_bytes());
-            m.extend_from_slice(data);
-            m
-        };
-        read_len(&mut s); // the startup packet
-        s.write_all(&auth(10, b"SCRAM-SHA-256\0\0")).unwrap();
-        let mut tag = [0u8; 1];
-        s.read_exact(&mut tag).unwrap();
-        let first = read_len(&mut s);
-        let text = String::from_utf8_lossy(&first).into_owned();
-        let nonce = text.split("r=").nth(1).unwrap().to_owned();
-        let challenge = format!("r={nonce}impostor,s=c2FsdA==,i=4096");
-        s.write_all(&auth(11, challenge.as_bytes())).unwrap();
-        s.read_exact(&mut tag).unwrap();
-        read_len(&mut s); // the client's proof
-                          // AuthenticationOk and ReadyForQuery: a gateway that believed it
-                          // would let the agent in.
-        let mut ok = auth(0, b"");
-        ok.extend_from_slice(b"Z\0\0\0\x05I");
-        let _ = s.write_all(&ok);
-        let _ = s.read(&mut [0u8; 64]);
-    });
-    (port, handle)
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upstream_that_skips_scrams_proof_is_refused() {
+    let impostor = agentgate_tests::impostor::scram_without_proof();
+    let gw = gateway_to(impostor.port);
+    let err = refused_login(&gw).await;
+    assert!(err.contains("refused the gateway's credentials"), "{err}");
+    impostor.received();
+    assert!(
+        gw.stderr().contains("skipped its signature"),
+        "{}",
+        gw.stderr()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn an_upstream_that_skips_scrams_proof_is_refused() {
-    let (port, impostor) = scram_impostor();
+async fn the_configured_upstream_may_ask_for_the_password_in_cleartext() {
+    // The other half is in intercept.rs: a destination the agent chose
+    // never gets it.
+    let impostor = agentgate_tests::impostor::cleartext();
+    let gw = gateway_to(impostor.port);
+    refused_login(&gw).await;
+    let got = impostor.received();
+    let password = format!("{GW_PASSWORD}\0");
+    assert!(
+        got.windows(password.len())
+            .any(|w| w == password.as_bytes()),
+        "the configured server got {got:?}"
+    );
+}
+
+/// A gateway pinned to a server on `port`, logging in as the SCRAM role.
+fn gateway_to(port: u16) -> Gateway {
     let dir = tempfile::tempdir().unwrap();
     let pw = dir.path().join("pw");
     std::fs::write(&pw, GW_PASSWORD).unwrap();
-    let gw = Gateway::start_raw(
-        tempfile::tempdir().unwrap(),
+    Gateway::start_raw(
+        dir,
         &[
             "--upstream".into(),
             format!("127.0.0.1:{port}"),
@@ -368,7 +354,11 @@ async fn an_upstream_that_skips_scrams_proof_is_refused() {
             "--upstream-password-file".into(),
             pw.display().to_string(),
         ],
-    );
+    )
+}
+
+/// Connects through `gw`, expecting a refusal within 20 s; its message.
+async fn refused_login(gw: &Gateway) -> String {
     let dsn = gw.dsn("agent_x");
     let login = tokio_postgres::connect(&dsn, NoTls);
     let err = tokio::time::timeout(std::time::Duration::from_secs(20), login)
@@ -376,17 +366,9 @@ async fn an_upstream_that_skips_scrams_proof_is_refused() {
         .expect("an answer within 20 s")
         .err()
         .expect("refused");
-    let msg = err
-        .as_db_error()
+    err.as_db_error()
         .map(|e| e.message().to_owned())
-        .unwrap_or_default();
-    assert!(msg.contains("refused the gateway's credentials"), "{err}");
-    impostor.join().unwrap();
-    assert!(
-        gw.stderr().contains("skipped its signature"),
-        "{}",
-        gw.stderr()
-    );
+        .unwrap_or_else(|| err.to_string())
 }
 
 #[tokio::test(flavor = "multi_thread")]

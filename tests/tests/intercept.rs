@@ -377,3 +377,35 @@ fn a_database_elsewhere_is_reached_through_the_gateway() {
     drop(gw);
     drop(db);
 }
+
+#[test]
+fn a_server_the_agent_chose_never_gets_the_password_in_cleartext() {
+    // An agent connects to a server of its own that asks for the password
+    // in cleartext: intercepted, the gateway would log in there with the
+    // database's credentials. It refuses instead, and the server learns
+    // nothing. (drivers.rs checks that the configured upstream still may.)
+    if !privileged() {
+        return;
+    }
+    let impostor = agentgate_tests::impostor::cleartext();
+    let cg = TestCgroup::new("cleartext");
+    let gw = start_sidecar(&cg, &cg.wrapper(None), impostor.port);
+    let out = psql_in(&cg, "127.0.0.1", impostor.port, "SELECT 1");
+    assert!(!out.status.success(), "the agent got in");
+    let got = impostor.received();
+    assert!(
+        !got.windows(GW_PASSWORD.len())
+            .any(|w| w == GW_PASSWORD.as_bytes()),
+        "the password reached the agent's server: {got:?}"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("refused the gateway's credentials"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        gw.stderr().contains("asks for the password in cleartext"),
+        "{}",
+        gw.stderr()
+    );
+}

@@ -49,6 +49,11 @@ pub enum UpstreamError {
     NoPassword,
     #[error("the database asks for authentication method {0}, which the gateway does not support")]
     UnsupportedAuth(i32),
+    #[error(
+        "the server at {addr} asks for the password in cleartext; the gateway sends it so only \
+         to its configured --upstream, not to a destination an agent connected to"
+    )]
+    CleartextRefused { addr: String },
     #[error("SCRAM exchange with the database failed: {0}")]
     Scram(#[from] ScramClientError),
     /// The server answered with an ErrorResponse; the frame is kept so it can
@@ -71,6 +76,7 @@ impl UpstreamError {
             UpstreamError::Server { fields, .. } => fields.code.starts_with("28"),
             UpstreamError::NoPassword
             | UpstreamError::UnsupportedAuth(_)
+            | UpstreamError::CleartextRefused { .. }
             | UpstreamError::Scram(_) => true,
             _ => false,
         }
@@ -118,7 +124,19 @@ pub async fn connect(
     conn.write_all(&encode_startup(version, params)).await?;
     let mut buf = BytesMut::with_capacity(8192);
     let splitter = backend_splitter();
-    authenticate(&mut conn, &mut buf, splitter, settings).await?;
+    // A destination the gateway was not configured with came from the
+    // agent (its original destination, in intercept mode): a server there
+    // may be the agent's own.
+    let chosen_by_agent = settings.addr.as_deref() != Some(addr.as_str());
+    authenticate(
+        &mut conn,
+        &mut buf,
+        splitter,
+        settings,
+        &addr,
+        chosen_by_agent,
+    )
+    .await?;
 
     let mut greeting = Vec::new();
     let mut pid_key = None;
@@ -202,6 +220,8 @@ async fn authenticate(
     buf: &mut BytesMut,
     splitter: FrameSplitter,
     settings: &UpstreamSettings,
+    addr: &str,
+    chosen_by_agent: bool,
 ) -> Result<(), UpstreamError> {
     let mut scram: Option<ScramClient> = None;
     loop {
@@ -237,6 +257,12 @@ async fn authenticate(
                     .into());
                 }
                 return Ok(());
+            }
+            // The password itself would go to the server: only to the one
+            // the gateway is configured with, never to one an agent pointed
+            // it at (that server could be the agent's, collecting it).
+            AUTH_CLEARTEXT if chosen_by_agent => {
+                return Err(UpstreamError::CleartextRefused { addr: addr.into() })
             }
             AUTH_CLEARTEXT => pgfe::password_message(password()?.as_bytes(), &mut out)?,
             AUTH_MD5 => {

@@ -81,8 +81,36 @@ fn welcome() -> Vec<u8> {
 
 /// Asks for the password in cleartext, records the answer, and hangs up.
 pub fn cleartext() -> Impostor {
-    serve(|s, log| {
-        let _ = s.write_all(&auth(3, b""));
+    asks(auth(3, b""))
+}
+
+/// Asks for an MD5 password hash (salt `salt`), records the answer, and
+/// hangs up.
+pub fn md5() -> Impostor {
+    asks(auth(5, b"salt"))
+}
+
+fn asks(request: Vec<u8>) -> Impostor {
+    serve(move |s, log| {
+        let _ = s.write_all(&request);
+        read_message(s, Some(b'p'), log);
+        let _ = s.shutdown(std::net::Shutdown::Write);
+    })
+}
+
+/// Runs SCRAM with `iterations`, records the client's proof message (if
+/// one comes), and hangs up.
+pub fn scram_with(iterations: u32) -> Impostor {
+    serve(move |s, log| {
+        let mut first = Vec::new();
+        let _ = s.write_all(&auth(10, b"SCRAM-SHA-256\0\0"));
+        let body = read_message(s, Some(b'p'), &mut first);
+        let text = String::from_utf8_lossy(&body).into_owned();
+        let Some(nonce) = text.split("r=").nth(1) else {
+            return;
+        };
+        let challenge = format!("r={nonce}impostor,s=c2FsdA==,i={iterations}");
+        let _ = s.write_all(&auth(11, challenge.as_bytes()));
         read_message(s, Some(b'p'), log);
         let _ = s.shutdown(std::net::Shutdown::Write);
     })

@@ -379,33 +379,59 @@ fn a_database_elsewhere_is_reached_through_the_gateway() {
 }
 
 #[test]
-fn a_server_the_agent_chose_never_gets_the_password_in_cleartext() {
-    // An agent connects to a server of its own that asks for the password
-    // in cleartext: intercepted, the gateway would log in there with the
-    // database's credentials. It refuses instead, and the server learns
-    // nothing. (drivers.rs checks that the configured upstream still may.)
+fn a_server_the_agent_chose_gets_nothing_to_guess_the_password_from() {
+    // An agent connects to a server of its own: intercepted, the gateway
+    // logs in there with the database's credentials. A server that asks
+    // for the password in cleartext, an MD5 hash, or SCRAM with a cheap
+    // iteration count is refused and learns nothing; SCRAM with
+    // PostgreSQL's own count goes ahead. (drivers.rs checks that the
+    // configured upstream may still ask for any of them.)
+    use agentgate_tests::impostor;
     if !privileged() {
         return;
     }
-    let impostor = agentgate_tests::impostor::cleartext();
-    let cg = TestCgroup::new("cleartext");
-    let gw = start_sidecar(&cg, &cg.wrapper(None), impostor.port);
-    let out = psql_in(&cg, "127.0.0.1", impostor.port, "SELECT 1");
-    assert!(!out.status.success(), "the agent got in");
-    let got = impostor.received();
-    assert!(
-        !got.windows(GW_PASSWORD.len())
-            .any(|w| w == GW_PASSWORD.as_bytes()),
-        "the password reached the agent's server: {got:?}"
-    );
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("refused the gateway's credentials"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        gw.stderr().contains("asks for the password in cleartext"),
-        "{}",
-        gw.stderr()
-    );
+    let cg = TestCgroup::new("impostor");
+    for (name, server, refused_for, leaks) in [
+        (
+            "cleartext",
+            impostor::cleartext(),
+            Some("the password in cleartext"),
+            GW_PASSWORD,
+        ),
+        ("md5", impostor::md5(), Some("an MD5 password hash"), "md5"),
+        (
+            "scram i=1",
+            impostor::scram_with(1),
+            Some("SCRAM with 1 iterations"),
+            "p=",
+        ),
+        ("scram i=4096", impostor::scram_with(4096), None, "p="),
+    ] {
+        let gw = start_sidecar(&cg, &cg.wrapper(None), server.port);
+        let out = psql_in(&cg, "127.0.0.1", server.port, "SELECT 1");
+        assert!(!out.status.success(), "{name}: the agent got in");
+        let got = String::from_utf8_lossy(&server.received()).into_owned();
+        match refused_for {
+            Some(what) => {
+                assert!(
+                    !got.contains(leaks),
+                    "{name}: the agent's server got {got:?}"
+                );
+                assert!(
+                    gw.stderr().contains(&format!("asks for {what}")),
+                    "{name}: {}",
+                    gw.stderr()
+                );
+                assert!(
+                    String::from_utf8_lossy(&out.stderr)
+                        .contains("refused the gateway's credentials"),
+                    "{name}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            // The control: the same exchange with a sound count does send
+            // a proof, so the refusals above are the gateway's choice.
+            None => assert!(got.contains(leaks), "{name}: got {got:?}"),
+        }
+    }
 }

@@ -50,10 +50,11 @@ pub enum UpstreamError {
     #[error("the database asks for authentication method {0}, which the gateway does not support")]
     UnsupportedAuth(i32),
     #[error(
-        "the server at {addr} asks for the password in cleartext; the gateway sends it so only \
-         to its configured --upstream, not to a destination an agent connected to"
+        "the server at {addr} asks for {what}; the gateway answers that only to its configured \
+         --upstream, not to a destination an agent connected to (it could be the agent's own \
+         server, collecting the password or what it takes to guess it)"
     )]
-    CleartextRefused { addr: String },
+    UntrustedAsks { addr: String, what: String },
     #[error("SCRAM exchange with the database failed: {0}")]
     Scram(#[from] ScramClientError),
     /// The server answered with an ErrorResponse; the frame is kept so it can
@@ -76,7 +77,7 @@ impl UpstreamError {
             UpstreamError::Server { fields, .. } => fields.code.starts_with("28"),
             UpstreamError::NoPassword
             | UpstreamError::UnsupportedAuth(_)
-            | UpstreamError::CleartextRefused { .. }
+            | UpstreamError::UntrustedAsks { .. }
             | UpstreamError::Scram(_) => true,
             _ => false,
         }
@@ -215,6 +216,10 @@ const AUTH_SASL: i32 = 10;
 const AUTH_SASL_CONTINUE: i32 = 11;
 const AUTH_SASL_FINAL: i32 = 12;
 
+/// What a destination an agent chose may ask of SCRAM: at least
+/// PostgreSQL's default, and at most what salts in well under a second.
+const AGENT_CHOSEN_SCRAM_ITERATIONS: std::ops::RangeInclusive<u32> = 4096..=1_000_000;
+
 async fn authenticate(
     conn: &mut UpstreamConn,
     buf: &mut BytesMut,
@@ -258,11 +263,18 @@ async fn authenticate(
                 }
                 return Ok(());
             }
-            // The password itself would go to the server: only to the one
-            // the gateway is configured with, never to one an agent pointed
-            // it at (that server could be the agent's, collecting it).
-            AUTH_CLEARTEXT if chosen_by_agent => {
-                return Err(UpstreamError::CleartextRefused { addr: addr.into() })
+            // The password itself, or an MD5 hash cheap to guess it from,
+            // goes only to the server the gateway is configured with, never
+            // to one an agent pointed it at.
+            AUTH_CLEARTEXT | AUTH_MD5 if chosen_by_agent => {
+                return Err(UpstreamError::UntrustedAsks {
+                    addr: addr.into(),
+                    what: if code == AUTH_MD5 {
+                        "an MD5 password hash".into()
+                    } else {
+                        "the password in cleartext".into()
+                    },
+                });
             }
             AUTH_CLEARTEXT => pgfe::password_message(password()?.as_bytes(), &mut out)?,
             AUTH_MD5 => {
@@ -293,6 +305,21 @@ async fn authenticate(
                     .as_mut()
                     .ok_or_else(|| UpstreamError::Protocol("SASL continue before start".into()))?;
                 let challenge = s.challenge(payload)?;
+                // A server an agent chose picks the iteration count: too few
+                // make its copy of the proof cheap to guess the password
+                // from, too many make each login a denial of service.
+                if chosen_by_agent && !AGENT_CHOSEN_SCRAM_ITERATIONS.contains(&challenge.iterations)
+                {
+                    return Err(UpstreamError::UntrustedAsks {
+                        addr: addr.into(),
+                        what: format!(
+                            "SCRAM with {} iterations (outside {}..={})",
+                            challenge.iterations,
+                            AGENT_CHOSEN_SCRAM_ITERATIONS.start(),
+                            AGENT_CHOSEN_SCRAM_ITERATIONS.end()
+                        ),
+                    });
+                }
                 let salted = match settings.salted.get(&challenge.salt, challenge.iterations) {
                     Some(salted) => salted,
                     None => {

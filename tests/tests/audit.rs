@@ -203,6 +203,9 @@ fn a_stalled_audit_pipe_holds_statements_back_and_loses_none() {
         "{last} of {STATEMENTS} statements ran with the audit pipe unread"
     );
     assert!(child.0.try_wait().unwrap().is_none(), "the gateway exited");
+    // The operator is told why.
+    let log = std::fs::read_to_string(&stderr).unwrap();
+    assert!(log.contains("audit sink is not keeping up"), "{log}");
 
     // The shipper reads again: everything flows.
     let reader = std::thread::spawn(move || {

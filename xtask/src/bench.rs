@@ -74,8 +74,8 @@ struct Config {
     port: u16,
     /// The process whose CPU and memory are measured.
     pid: Option<u32>,
-    /// A gateway's audit file, checked after each pgbench run.
-    audit: Option<PathBuf>,
+    /// A gateway's audit file and log, checked after each pgbench run.
+    audit: Option<(PathBuf, PathBuf)>,
 }
 
 struct Proc(Child);
@@ -315,7 +315,7 @@ fn start_gateway(
         .arg(audit_path(dir, name))
         .env("AGENTGATE_LOG", "warn")
         .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join(format!("{name}.log")))?)
+        .stderr(std::fs::File::create(log_path(dir, name))?)
         .spawn()?;
     if !wait_port(port) {
         bail!("agentgate ({name}) did not start");
@@ -325,6 +325,10 @@ fn start_gateway(
 
 fn audit_path(dir: &Path, gateway: &str) -> PathBuf {
     dir.join(format!("{gateway}-audit.jsonl"))
+}
+
+fn log_path(dir: &Path, gateway: &str) -> PathBuf {
+    dir.join(format!("{gateway}.log"))
 }
 
 /// A policy directory: `base` plus one masking rule on `columns`.
@@ -439,9 +443,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "bench-bulk",
         "public.bulk.a, public.bulk.b",
     )?;
-    let gateway = |name: &str, policy: &Path| -> Result<(Proc, u16, PathBuf)> {
+    let gateway = |name: &str, policy: &Path| -> Result<(Proc, u16, (PathBuf, PathBuf))> {
         let (proc, port) = start_gateway(&db, w, name, policy, None)?;
-        Ok((proc, port, audit_path(w, name)))
+        Ok((proc, port, (audit_path(w, name), log_path(w, name))))
     };
     let (gw_all, gw_all_port, gw_all_audit) = gateway("agentgate-allow-all", &allow_all)?;
     let (gw_def, gw_def_port, gw_def_audit) = gateway("agentgate-default", &default)?;
@@ -533,7 +537,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let mut runs: Vec<Run> = Vec::new();
     let mut trails: BTreeMap<&str, Trail> = configs
         .iter()
-        .filter_map(|c| Some((c.name, Trail::new(c.audit.clone()?))))
+        .filter_map(|c| {
+            let (audit, log) = c.audit.clone()?;
+            Some((c.name, Trail::new(audit, log)))
+        })
         .collect();
     let selected = |name: &str| args.only.as_deref().is_none_or(|o| name.contains(o));
     for wl in workloads.iter().filter(|w| selected(w.name)) {
@@ -571,8 +578,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     c.name,
                     round + 1,
                     audit.map_or(String::new(), |a| format!(
-                        ", {} statements, {} audited, {} sequence gaps",
-                        statements, a.statement_lines, a.seq_gaps
+                        ", {} statements, {} audited, {} sequence gaps, {} held-back warnings",
+                        statements, a.statement_lines, a.seq_gaps, a.held_back_warnings
                     ))
                 );
                 runs.push(Run {

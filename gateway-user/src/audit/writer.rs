@@ -2,9 +2,9 @@
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{oneshot, Notify};
 
@@ -67,6 +67,42 @@ struct Inner {
     /// Wakes sessions waiting for room in a full buffer.
     room: Notify,
     healthy: AtomicBool,
+    /// Records that had to wait for room since the last warning.
+    held_back: AtomicU64,
+    /// When that warning went out, in ms since the sink opened (0: never).
+    warned_at_ms: AtomicU64,
+    opened: Instant,
+}
+
+/// At most one "not keeping up" warning this often: a slow sink would
+/// otherwise flood the log it may itself be part of.
+const HELD_BACK_WARNING_EVERY_MS: u64 = 10_000;
+
+impl Inner {
+    /// Counts a record held back by a full buffer, and says so now and then:
+    /// the operator learns the audit sink is the bottleneck.
+    fn note_held_back(&self) {
+        self.held_back.fetch_add(1, Ordering::Relaxed);
+        let now = u64::try_from(self.opened.elapsed().as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let last = self.warned_at_ms.load(Ordering::Relaxed);
+        if last != 0 && now.saturating_sub(last) < HELD_BACK_WARNING_EVERY_MS {
+            return;
+        }
+        if self
+            .warned_at_ms
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+        {
+            tracing::warn!(
+                held_back = self.held_back.swap(0, Ordering::Relaxed),
+                buffer_bytes = self.max_pending,
+                "the audit sink is not keeping up: statements wait for room in the audit buffer \
+                 (nothing is dropped; the sessions are slowed down)"
+            );
+        }
+    }
 }
 
 /// A handle to the audit stream; cheap to clone, one per session.
@@ -116,6 +152,9 @@ impl AuditSink {
             writer_idle: AtomicBool::new(false),
             room: Notify::new(),
             healthy: AtomicBool::new(true),
+            held_back: AtomicU64::new(0),
+            warned_at_ms: AtomicU64::new(0),
+            opened: Instant::now(),
         });
         let shared = Arc::clone(&inner);
         std::thread::Builder::new()
@@ -145,10 +184,15 @@ impl AuditSink {
     /// Numbers and appends a record, waiting for room when the writer is
     /// behind (a full buffer slows sessions down; it never drops a record).
     pub async fn emit(&self, record: Record) -> Result<(), AuditError> {
+        let mut counted = false;
         loop {
             let room = self.inner.room.notified();
             if self.try_emit(&record)? {
                 return Ok(());
+            }
+            if !counted {
+                counted = true;
+                self.inner.note_held_back();
             }
             self.wake_writer();
             room.await;

@@ -19,11 +19,20 @@ pub struct Appended {
     pub statement_lines: u64,
     /// Lines whose `seq` is not the one after the previous line's.
     pub seq_gaps: u64,
+    /// The gateway's warnings, in its log, that statements waited for room
+    /// in its audit buffer (the audit was the bottleneck).
+    pub held_back_warnings: u64,
 }
+
+/// What the gateway logs when the audit sink holds statements back.
+const HELD_BACK: &str = "audit sink is not keeping up";
 
 /// One gateway's audit file, followed from run to run.
 pub struct Trail {
     path: PathBuf,
+    /// The gateway's own log (stderr).
+    log: PathBuf,
+    held_back_seen: u64,
     /// Where the next run's lines start.
     offset: u64,
     last_seq: u64,
@@ -45,9 +54,11 @@ struct Head<'a> {
 }
 
 impl Trail {
-    pub fn new(path: PathBuf) -> Self {
+    pub fn new(path: PathBuf, log: PathBuf) -> Self {
         Self {
             path,
+            log,
+            held_back_seen: 0,
             offset: 0,
             last_seq: 0,
         }
@@ -92,6 +103,10 @@ impl Trail {
             }
             self.last_seq = head.seq;
         }
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let held_back = log.matches(HELD_BACK).count() as u64;
+        seen.held_back_warnings = held_back.saturating_sub(self.held_back_seen);
+        self.held_back_seen = held_back;
         // Emptied only if nothing came in meanwhile (the gateway holds the
         // file open for appending, so its next line lands at the new end);
         // otherwise the next call starts where this one stopped.
@@ -155,14 +170,17 @@ mod tests {
         for (seq, event) in [(1, "session.start"), (2, "statement"), (3, "statement")] {
             f.write_all(line(seq, event).as_bytes()).unwrap();
         }
-        let mut trail = Trail::new(path.clone());
+        let log = dir.path().join("gateway.log");
+        std::fs::write(&log, format!("WARN x: the {HELD_BACK}\n")).unwrap();
+        let mut trail = Trail::new(path.clone(), log.clone());
         let first = trail.take().unwrap();
         assert_eq!(
             first,
             Appended {
                 lines: 3,
                 statement_lines: 2,
-                seq_gaps: 0
+                seq_gaps: 0,
+                held_back_warnings: 1,
             }
         );
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
@@ -173,6 +191,8 @@ mod tests {
         let second = trail.take().unwrap();
         assert_eq!((second.lines, second.statement_lines), (2, 1));
         assert_eq!(second.seq_gaps, 1);
+        // Only warnings logged since the last call count.
+        assert_eq!(second.held_back_warnings, 0);
     }
 
     #[test]
@@ -180,7 +200,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.jsonl");
         std::fs::write(&path, format!("{}not json\n", line(1, "statement"))).unwrap();
-        let err = Trail::new(path).take().unwrap_err();
+        let err = Trail::new(path, dir.path().join("no.log"))
+            .take()
+            .unwrap_err();
         assert!(format!("{err:#}").contains("after seq 1"), "{err:#}");
     }
 }

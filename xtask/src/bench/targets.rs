@@ -142,7 +142,7 @@ pub fn judge(runs: &[Run], kib_per_idle: Option<f64>) -> Vec<Verdict> {
         }
     }
     for config in [AGENTGATE, AGENTGATE_DEFAULT] {
-        let (audited, gaps) = audit_per_round(runs, config);
+        let (audited, gaps, held_back) = audit_per_round(runs, config);
         out.extend(verdict(
             "audit: statement lines / statements pgbench completed".into(),
             config,
@@ -154,6 +154,13 @@ pub fn judge(runs: &[Run], kib_per_idle: Option<f64>) -> Vec<Verdict> {
             "audit: gaps in the sequence numbers".into(),
             config,
             gaps,
+            Bound::AtMost(0.0),
+            0,
+        ));
+        out.extend(verdict(
+            "audit: warnings that statements waited for the audit sink".into(),
+            config,
+            held_back,
             Bound::AtMost(0.0),
             0,
         ));
@@ -173,20 +180,26 @@ pub fn judge(runs: &[Run], kib_per_idle: Option<f64>) -> Vec<Verdict> {
 /// Over each round's pgbench runs through `config`: the statement lines its
 /// audit trail gained per statement pgbench completed (at least 1: pgbench's
 /// own set-up queries and a statement cut off by the run's end add lines,
-/// a lost record takes one away), and the gaps in the lines' numbering.
-fn audit_per_round(runs: &[Run], config: &str) -> (Vec<f64>, Vec<f64>) {
-    let mut rounds: std::collections::BTreeMap<usize, (u64, u64, u64)> = Default::default();
+/// a lost record takes one away), the gaps in the lines' numbering, and
+/// the gateway's warnings that the audit held statements back.
+fn audit_per_round(runs: &[Run], config: &str) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let mut rounds: std::collections::BTreeMap<usize, [u64; 4]> = Default::default();
     for r in runs.iter().filter(|r| r.config == config) {
         if let (Some(a), Some(done)) = (r.audit, r.statements_completed) {
             let e = rounds.entry(r.round).or_default();
-            *e = (e.0 + a.statement_lines, e.1 + done, e.2 + a.seq_gaps);
+            e[0] += a.statement_lines;
+            e[1] += done;
+            e[2] += a.seq_gaps;
+            e[3] += a.held_back_warnings;
         }
     }
-    rounds
-        .into_values()
-        .filter(|(_, done, _)| *done > 0)
-        .map(|(lines, done, gaps)| (lines as f64 / done as f64, gaps as f64))
-        .unzip()
+    let (mut audited, mut gaps, mut held_back) = (Vec::new(), Vec::new(), Vec::new());
+    for [lines, done, gap, held] in rounds.into_values().filter(|r| r[1] > 0) {
+        audited.push(lines as f64 / done as f64);
+        gaps.push(gap as f64);
+        held_back.push(held as f64);
+    }
+    (audited, gaps, held_back)
 }
 
 pub fn print(verdicts: &[Verdict]) {
@@ -287,6 +300,7 @@ mod tests {
                 lines: lines + 16,
                 statement_lines: lines,
                 seq_gaps: gaps,
+                held_back_warnings: gaps,
             }),
             ..run(workload, AGENTGATE, round, 1.0, 0.01, 0.1)
         };
@@ -308,6 +322,8 @@ mod tests {
         let gaps = v.iter().find(|v| v.target.contains("gaps")).unwrap();
         assert_eq!(gaps.per_round, [0.0, 1.0]);
         assert_eq!(gaps.rounds_met, 1);
+        let held = v.iter().find(|v| v.target.contains("waited")).unwrap();
+        assert_eq!(held.per_round, [0.0, 1.0]);
         // Nothing judged for a configuration without audit figures.
         assert!(v.iter().all(|v| v.config == AGENTGATE));
     }

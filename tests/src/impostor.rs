@@ -102,16 +102,7 @@ fn asks(request: Vec<u8>) -> Impostor {
 /// one comes), and hangs up.
 pub fn scram_with(iterations: u32) -> Impostor {
     serve(move |s, log| {
-        let mut first = Vec::new();
-        let _ = s.write_all(&auth(10, b"SCRAM-SHA-256\0\0"));
-        let body = read_message(s, Some(b'p'), &mut first);
-        let text = String::from_utf8_lossy(&body).into_owned();
-        let Some(nonce) = text.split("r=").nth(1) else {
-            return;
-        };
-        let challenge = format!("r={nonce}impostor,s=c2FsdA==,i={iterations}");
-        let _ = s.write_all(&auth(11, challenge.as_bytes()));
-        read_message(s, Some(b'p'), log);
+        scram_round(s, iterations, log);
         let _ = s.shutdown(std::net::Shutdown::Write);
     })
 }
@@ -120,15 +111,24 @@ pub fn scram_with(iterations: u32) -> Impostor {
 /// message that would prove it knows the password.
 pub fn scram_without_proof() -> Impostor {
     serve(|s, log| {
-        let _ = s.write_all(&auth(10, b"SCRAM-SHA-256\0\0"));
-        let first = read_message(s, Some(b'p'), log);
-        let text = String::from_utf8_lossy(&first).into_owned();
-        let Some(nonce) = text.split("r=").nth(1) else {
-            return;
-        };
-        let challenge = format!("r={nonce}impostor,s=c2FsdA==,i=4096");
-        let _ = s.write_all(&auth(11, challenge.as_bytes()));
-        read_message(s, Some(b'p'), log);
-        let _ = s.write_all(&welcome());
+        if scram_round(s, 4096, log) {
+            let _ = s.write_all(&welcome());
+        }
     })
+}
+
+/// Asks for SCRAM, answers the client's first message with a challenge of
+/// `iterations`, and records the client's proof message in `log`; false
+/// if the client's first message carried no nonce.
+fn scram_round(s: &mut TcpStream, iterations: u32, log: &mut Vec<u8>) -> bool {
+    let _ = s.write_all(&auth(10, b"SCRAM-SHA-256\0\0"));
+    let first = read_message(s, Some(b'p'), &mut Vec::new());
+    let text = String::from_utf8_lossy(&first).into_owned();
+    let Some(nonce) = text.split("r=").nth(1) else {
+        return false;
+    };
+    let challenge = format!("r={nonce}impostor,s=c2FsdA==,i={iterations}");
+    let _ = s.write_all(&auth(11, challenge.as_bytes()));
+    read_message(s, Some(b'p'), log);
+    true
 }

@@ -74,8 +74,6 @@ struct Config {
     port: u16,
     /// The process whose CPU and memory are measured.
     pid: Option<u32>,
-    /// A gateway's audit file and log, checked after each pgbench run.
-    audit: Option<(PathBuf, PathBuf)>,
 }
 
 struct Proc(Child);
@@ -443,44 +441,44 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "bench-bulk",
         "public.bulk.a, public.bulk.b",
     )?;
-    let gateway = |name: &str, policy: &Path| -> Result<(Proc, u16, (PathBuf, PathBuf))> {
-        let (proc, port) = start_gateway(&db, w, name, policy, None)?;
-        Ok((proc, port, (audit_path(w, name), log_path(w, name))))
-    };
-    let (gw_all, gw_all_port, gw_all_audit) = gateway("agentgate-allow-all", &allow_all)?;
-    let (gw_def, gw_def_port, gw_def_audit) = gateway("agentgate-default", &default)?;
-    let (gw_mask, gw_mask_port, _) = gateway("agentgate-masked", &masked)?;
+    let (all, def) = ("agentgate-allow-all", "agentgate-default");
+    let (gw_all, gw_all_port) = start_gateway(&db, w, all, &allow_all, None)?;
+    let (gw_def, gw_def_port) = start_gateway(&db, w, def, &default, None)?;
+    let (gw_mask, gw_mask_port) = start_gateway(&db, w, "agentgate-masked", &masked, None)?;
+    // The pgbench gateways' audit trails and logs, checked after each run
+    // (the masked one's bulk runs are one statement each).
+    let mut trails = BTreeMap::from([
+        (AGENTGATE, Trail::new(audit_path(w, all), log_path(w, all))),
+        (
+            AGENTGATE_DEFAULT,
+            Trail::new(audit_path(w, def), log_path(w, def)),
+        ),
+    ]);
     let configs = [
         Config {
             name: DIRECT,
             port: db.port,
             pid: None,
-            audit: None,
         },
         Config {
             name: PGBOUNCER,
             port: bouncer_port,
             pid: Some(bouncer.0.id()),
-            audit: None,
         },
         Config {
             name: AGENTGATE,
             port: gw_all_port,
             pid: Some(gw_all.0.id()),
-            audit: Some(gw_all_audit),
         },
         Config {
             name: AGENTGATE_DEFAULT,
             port: gw_def_port,
             pid: Some(gw_def.0.id()),
-            audit: Some(gw_def_audit),
         },
         Config {
             name: AGENTGATE_MASKED,
             port: gw_mask_port,
             pid: Some(gw_mask.0.id()),
-            // Its bulk runs are one statement each.
-            audit: None,
         },
     ];
 
@@ -535,13 +533,6 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let logdir = w.join("pgbench-logs");
     std::fs::create_dir_all(&logdir)?;
     let mut runs: Vec<Run> = Vec::new();
-    let mut trails: BTreeMap<&str, Trail> = configs
-        .iter()
-        .filter_map(|c| {
-            let (audit, log) = c.audit.clone()?;
-            Some((c.name, Trail::new(audit, log)))
-        })
-        .collect();
     let selected = |name: &str| args.only.as_deref().is_none_or(|o| name.contains(o));
     for wl in workloads.iter().filter(|w| selected(w.name)) {
         for round in 0..args.rounds {
@@ -564,10 +555,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     _ => None,
                 };
                 // After the CPU reading: the check runs while the gateway idles.
-                let audit = match trails.get_mut(c.name) {
-                    Some(trail) => Some(trail.take()?),
-                    None => None,
-                };
+                let audit = trails.get_mut(c.name).map(Trail::take).transpose()?;
                 if c.name == DIRECT {
                     direct_rate = Some(tps);
                 }

@@ -1,4 +1,4 @@
-//! SCRAM-SHA-256 (RFC 5802/7677): the key derivation and the checks both of
+//! SCRAM-SHA-256 (RFC 5802/7677): the HMAC and constant-time check both of
 //! the gateway's sides use, and the client it logs in to the database with.
 //!
 //! The client is ours rather than `postgres_protocol`'s because that one
@@ -45,20 +45,20 @@ pub(super) fn salted_password(password: &str, salt: &[u8], iterations: u32) -> [
 }
 
 /// ClientKey and ServerKey, from which StoredKey and the signatures follow.
-pub(super) struct Keys {
-    pub client: [u8; 32],
-    pub server: [u8; 32],
+struct Keys {
+    client: [u8; 32],
+    server: [u8; 32],
 }
 
 impl Keys {
-    pub fn from_salted(salted: &[u8; 32]) -> Self {
+    fn from_salted(salted: &[u8; 32]) -> Self {
         Self {
             client: hmac(salted, b"Client Key"),
             server: hmac(salted, b"Server Key"),
         }
     }
 
-    pub fn stored(&self) -> [u8; 32] {
+    fn stored(&self) -> [u8; 32] {
         Sha256::digest(self.client).into()
     }
 }
@@ -129,6 +129,8 @@ impl SaltedPasswords {
 /// What the server's first message asks the client to salt with.
 #[derive(Debug)]
 pub struct Challenge {
+    /// The server-first message, part of what the proof signs.
+    server_first: String,
     nonce: String,
     pub salt: Vec<u8>,
     pub iterations: u32,
@@ -209,6 +211,7 @@ impl ScramClient {
             .filter(|i| *i > 0)
             .ok_or(ScramClientError::Malformed("bad iteration count"))?;
         Ok(Challenge {
+            server_first: msg.to_owned(),
             nonce: nonce.to_owned(),
             salt,
             iterations,
@@ -217,16 +220,12 @@ impl ScramClient {
 
     /// The client-final message for the challenge, proving knowledge of the
     /// password through its salted form.
-    pub fn respond(
-        &mut self,
-        server_first: &[u8],
-        challenge: &Challenge,
-        salted: &[u8; 32],
-    ) -> String {
+    pub fn respond(&mut self, challenge: &Challenge, salted: &[u8; 32]) -> String {
         let without_proof = format!("c={GS2_HEADER_B64},r={}", challenge.nonce);
-        // `challenge` parsed server_first as UTF-8 already.
-        let server_first = String::from_utf8_lossy(server_first);
-        let auth_message = format!("{},{server_first},{without_proof}", self.client_first_bare);
+        let auth_message = format!(
+            "{},{},{without_proof}",
+            self.client_first_bare, challenge.server_first
+        );
         let keys = Keys::from_salted(salted);
         let signature = hmac(&keys.stored(), auth_message.as_bytes());
         let mut proof = keys.client;
@@ -288,7 +287,7 @@ mod tests {
             .challenge(first.as_bytes())
             .map_err(|e| e.to_string())?;
         let salted = salted_password(password, &challenge.salt, challenge.iterations);
-        let last = client.respond(first.as_bytes(), &challenge, &salted);
+        let last = client.respond(&challenge, &salted);
         // One challenge per exchange.
         assert_eq!(
             client.challenge(first.as_bytes()).unwrap_err(),
@@ -317,7 +316,7 @@ mod tests {
         let first = format!("r={}xyz,s={},i=4096", client.nonce, B64.encode(b"salt"));
         let challenge = client.challenge(first.as_bytes()).unwrap();
         let salted = salted_password("pw", &challenge.salt, challenge.iterations);
-        client.respond(first.as_bytes(), &challenge, &salted);
+        client.respond(&challenge, &salted);
         let forged = format!("v={}", B64.encode([7u8; 32]));
         assert_eq!(
             client.verify(forged.as_bytes()),

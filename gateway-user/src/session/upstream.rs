@@ -342,7 +342,7 @@ async fn authenticate(
                         salted
                     }
                 };
-                let reply = s.respond(payload, &challenge, &salted);
+                let reply = s.respond(&challenge, &salted);
                 pgfe::sasl_response(reply.as_bytes(), &mut out)?;
             }
             AUTH_SASL_FINAL => {

@@ -50,6 +50,20 @@ pub enum InterceptMode {
     Ebpf,
 }
 
+/// The CPU scheduling policy of the gateway's threads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum SchedPolicy {
+    /// SCHED_BATCH: a woken relay thread waits for the running task's turn
+    /// instead of preempting it, so it wakes less often and relays more
+    /// messages per wake-up (measured: less CPU per statement, more
+    /// throughput and a shorter tail under load).
+    #[default]
+    Batch,
+    /// Keep the policy the gateway was started with (e.g. by `chrt`).
+    Inherit,
+}
+
 /// Flags of `agentgate run`. Every one may also be set in `--config`.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct RunArgs {
@@ -112,6 +126,9 @@ pub struct RunArgs {
     /// pgbouncer), 0 one per CPU [default: 1].
     #[arg(long, value_name = "N")]
     pub worker_threads: Option<usize>,
+    /// CPU scheduling policy of the gateway's threads [default: batch].
+    #[arg(long, value_enum, value_name = "POLICY")]
+    pub sched_policy: Option<SchedPolicy>,
     /// At SIGTERM, how long sessions may finish their statements and open
     /// transactions before they are cut [default: 5].
     #[arg(long, value_name = "SECONDS")]
@@ -155,6 +172,7 @@ pub struct FileConfig {
     #[serde(default)]
     pub capture_ports: Vec<u16>,
     pub worker_threads: Option<usize>,
+    pub sched_policy: Option<SchedPolicy>,
     pub shutdown_grace: Option<u64>,
 }
 
@@ -198,6 +216,7 @@ pub struct Settings {
     pub probes: Option<PathBuf>,
     pub capture_ports: Vec<u16>,
     pub worker_threads: usize,
+    pub sched_policy: SchedPolicy,
     pub shutdown_grace: std::time::Duration,
 }
 
@@ -327,6 +346,7 @@ impl Settings {
             probes: args.probes.or(file.probes),
             capture_ports,
             worker_threads: args.worker_threads.or(file.worker_threads).unwrap_or(1),
+            sched_policy: args.sched_policy.or(file.sched_policy).unwrap_or_default(),
             shutdown_grace: std::time::Duration::from_secs(
                 args.shutdown_grace
                     .or(file.shutdown_grace)

@@ -260,6 +260,19 @@ fn main() -> ExitCode {
             let result = Settings::resolve(*args, std::env::var(UPSTREAM_PASSWORD_ENV).ok())
                 .map_err(anyhow::Error::from)
                 .and_then(|settings| {
+                    // Before any thread starts, so that all inherit it.
+                    match agentgate::sched::apply(settings.sched_policy) {
+                        Ok(agentgate::sched::Applied::Batch) => {
+                            tracing::info!("threads run under SCHED_BATCH")
+                        }
+                        Ok(agentgate::sched::Applied::Kept(policy)) => {
+                            tracing::info!(policy, "threads keep the scheduling policy they started with")
+                        }
+                        Err(error) => tracing::warn!(
+                            %error,
+                            "cannot set SCHED_BATCH; threads keep the scheduling policy they started with"
+                        ),
+                    }
                     // One thread (the default) relays without waking tasks
                     // across threads, as pgbouncer does; measured faster on
                     // two cores shared with the agent and the database.

@@ -3,7 +3,7 @@
 
 use std::process::Command;
 
-use agentgate_tests::cluster::{Options, GW_USER, PG_BIN, SUPERUSER};
+use agentgate_tests::cluster::{Options, GW_PASSWORD, GW_USER, PG_BIN, SUPERUSER};
 use agentgate_tests::{Cluster, Gateway};
 
 /// Statements the server ran for the gateway's role, from its own log
@@ -132,4 +132,78 @@ fn without_placeholders(text: &str) -> String {
         }
     }
     out
+}
+
+/// Each thread of `pid` with its scheduling policy (`/proc/PID/task/*/stat`
+/// field 41: 0 SCHED_OTHER, 3 SCHED_BATCH, 5 SCHED_IDLE).
+fn thread_policies(pid: u32) -> Vec<(String, u32)> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let stat = std::fs::read_to_string(task.unwrap().path().join("stat")).unwrap();
+        // The name sits in parentheses and may hold spaces; count after it.
+        let (head, rest) = stat.rsplit_once(')').unwrap();
+        let name = head.split_once('(').unwrap().1.to_owned();
+        let policy = rest.split_whitespace().nth(38).unwrap().parse().unwrap();
+        out.push((name, policy));
+    }
+    out
+}
+
+/// Sessions through `gw` (the upstream SCRAM login runs on a blocking-pool
+/// thread, so that pool has started), then the policy of every thread.
+fn policies_after_sessions(gw: &Gateway) -> Vec<(String, u32)> {
+    for _ in 0..2 {
+        let out = Command::new("psql")
+            .args([
+                "-X",
+                "-A",
+                "-t",
+                "-d",
+                &gw.dsn("agent_sched"),
+                "-c",
+                "select 1",
+            ])
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1", "{out:?}");
+    }
+    let threads = thread_policies(gw.pid());
+    assert!(
+        threads.iter().any(|(n, _)| n == "audit-writer") && threads.len() >= 3,
+        "{threads:?}"
+    );
+    threads
+}
+
+#[test]
+fn the_gateways_threads_run_under_sched_batch_unless_told_otherwise() {
+    let db = Cluster::start();
+
+    let gw = Gateway::start(&db, &[]);
+    let threads = policies_after_sessions(&gw);
+    assert!(threads.iter().all(|(_, p)| *p == 3), "{threads:?}");
+    assert!(gw.stderr().contains("threads run under SCHED_BATCH"));
+
+    let gw = Gateway::start(&db, &["--sched-policy", "inherit"]);
+    let threads = policies_after_sessions(&gw);
+    assert!(threads.iter().all(|(_, p)| *p == 0), "{threads:?}");
+
+    // A policy an operator chose (here SCHED_IDLE by chrt) is kept.
+    let dir = tempfile::tempdir().unwrap();
+    let pw = dir.path().join("pw");
+    std::fs::write(&pw, GW_PASSWORD).unwrap();
+    let args: Vec<String> = [
+        "--upstream",
+        &db.addr(),
+        "--upstream-user",
+        GW_USER,
+        "--upstream-password-file",
+        pw.to_str().unwrap(),
+    ]
+    .map(String::from)
+    .to_vec();
+    let wrapper = ["chrt", "--idle", "0"].map(String::from);
+    let gw = Gateway::start_wrapped(tempfile::tempdir().unwrap(), &wrapper, &args);
+    let threads = policies_after_sessions(&gw);
+    assert!(threads.iter().all(|(_, p)| *p == 5), "{threads:?}");
 }

@@ -1,0 +1,44 @@
+//! The CPU scheduling policy the gateway's threads run under.
+//!
+//! On a machine where the agent and the database compete with the gateway
+//! for CPU, every message the gateway relays wakes it. Under the kernel's
+//! default policy the woken gateway preempts whatever runs on its CPU; under
+//! SCHED_BATCH it waits for that task's turn, by which time more messages
+//! are ready, so it relays more of them per wake-up. Measured side by side
+//! (select-only, 8 clients, two cores): about a microsecond less system time
+//! per transaction, more throughput and a shorter tail with 64 clients.
+//! SCHED_BATCH needs no privilege and leaves the gateway's share of CPU as
+//! it was (same nice level, same weight).
+
+use crate::config::SchedPolicy;
+
+/// What `apply` did, for the log.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Applied {
+    Batch,
+    /// The policy the process was started with, kept: asked for, or not
+    /// the kernel's default (an operator's `chrt` choice is not overridden).
+    Kept(i32),
+}
+
+/// Sets the calling thread's policy. Threads inherit it, so this runs on
+/// the main thread before the runtime or any other thread is started.
+pub fn apply(policy: SchedPolicy) -> std::io::Result<Applied> {
+    // SAFETY: sched_getscheduler only reads the policy of the calling
+    // thread (pid 0); it takes no pointers.
+    let current = unsafe { libc::sched_getscheduler(0) };
+    if current < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if policy == SchedPolicy::Inherit || current != libc::SCHED_OTHER {
+        return Ok(Applied::Kept(current));
+    }
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: `param` is a valid sched_param that outlives the call, which
+    // only reads it; pid 0 is the calling thread.
+    let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(Applied::Batch)
+}

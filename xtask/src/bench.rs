@@ -156,9 +156,10 @@ struct Pgbench<'a> {
     statements: u64,
     /// Share of transactions pgbench logs for the p99. Writing a line for
     /// each of 40-80k transactions a second costs pgbench CPU on the cores
-    /// the proxies are measured on (measured: with every transaction logged
-    /// the gateway's TPS relative to pgbouncer's fell 5-10%); a tenth still
-    /// leaves thousands of samples a run.
+    /// the proxies are measured on (measured, select-only simple: with
+    /// every transaction logged the gateway's TPS relative to pgbouncer's
+    /// was 1.03-1.08 against 1.11-1.21 without); a tenth still leaves
+    /// thousands of samples a run.
     log_sample: f64,
 }
 

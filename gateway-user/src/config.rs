@@ -394,6 +394,26 @@ mod tests {
     }
 
     #[test]
+    fn the_scheduling_policy_defaults_to_batch_and_the_file_can_keep_the_inherited_one() {
+        let args = |config| RunArgs {
+            config,
+            upstream: Some("db:5432".into()),
+            upstream_user: Some("u".into()),
+            ..Default::default()
+        };
+        let s = Settings::resolve(args(None), None).unwrap();
+        assert_eq!(s.sched_policy, SchedPolicy::Batch);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.yaml");
+        std::fs::write(&path, "sched_policy: inherit\n").unwrap();
+        let s = Settings::resolve(args(Some(path.clone())), None).unwrap();
+        assert_eq!(s.sched_policy, SchedPolicy::Inherit);
+        std::fs::write(&path, "sched_policy: fifo\n").unwrap();
+        let err = Settings::resolve(args(Some(path)), None).unwrap_err();
+        assert!(err.to_string().contains("fifo"), "{err}");
+    }
+
+    #[test]
     fn unknown_keys_and_missing_pieces_are_errors() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.yaml");

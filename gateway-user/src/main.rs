@@ -265,9 +265,10 @@ fn main() -> ExitCode {
                         Ok(agentgate::sched::Applied::Batch) => {
                             tracing::info!("threads run under SCHED_BATCH")
                         }
-                        Ok(agentgate::sched::Applied::Kept(policy)) => {
-                            tracing::info!(policy, "threads keep the scheduling policy they started with")
-                        }
+                        Ok(agentgate::sched::Applied::Kept(policy)) => tracing::info!(
+                            policy = agentgate::sched::policy_name(policy),
+                            "threads keep the scheduling policy they started with"
+                        ),
                         Err(error) => tracing::warn!(
                             %error,
                             "cannot set SCHED_BATCH; threads keep the scheduling policy they started with"

@@ -21,6 +21,19 @@ pub enum Applied {
     Kept(i32),
 }
 
+/// The kernel's name for a policy number, for the log.
+pub fn policy_name(policy: i32) -> &'static str {
+    match policy & !libc::SCHED_RESET_ON_FORK {
+        libc::SCHED_OTHER => "SCHED_OTHER",
+        libc::SCHED_FIFO => "SCHED_FIFO",
+        libc::SCHED_RR => "SCHED_RR",
+        libc::SCHED_BATCH => "SCHED_BATCH",
+        libc::SCHED_IDLE => "SCHED_IDLE",
+        6 => "SCHED_DEADLINE",
+        _ => "unknown",
+    }
+}
+
 /// Sets the calling thread's policy. Threads inherit it, so this runs on
 /// the main thread before the runtime or any other thread is started.
 pub fn apply(policy: SchedPolicy) -> std::io::Result<Applied> {
@@ -41,4 +54,19 @@ pub fn apply(policy: SchedPolicy) -> std::io::Result<Applied> {
         return Err(std::io::Error::last_os_error());
     }
     Ok(Applied::Batch)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn policies_are_named_as_the_kernel_names_them() {
+        assert_eq!(policy_name(libc::SCHED_BATCH), "SCHED_BATCH");
+        assert_eq!(
+            policy_name(libc::SCHED_FIFO | libc::SCHED_RESET_ON_FORK),
+            "SCHED_FIFO"
+        );
+        assert_eq!(policy_name(42), "unknown");
+    }
 }

@@ -206,4 +206,5 @@ fn the_gateways_threads_run_under_sched_batch_unless_told_otherwise() {
     let gw = Gateway::start_wrapped(tempfile::tempdir().unwrap(), &wrapper, &args);
     let threads = policies_after_sessions(&gw);
     assert!(threads.iter().all(|(_, p)| *p == 5), "{threads:?}");
+    assert!(gw.stderr().contains("SCHED_IDLE"), "{}", gw.stderr());
 }

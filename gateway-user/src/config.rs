@@ -54,10 +54,9 @@ pub enum InterceptMode {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum, Default)]
 #[serde(rename_all = "kebab-case")]
 pub enum SchedPolicy {
-    /// SCHED_BATCH: a woken relay thread waits for the running task's turn
-    /// instead of preempting it, so it wakes less often and relays more
-    /// messages per wake-up (measured: less CPU per statement, more
-    /// throughput and a shorter tail under load).
+    /// SCHED_BATCH: a woken gateway thread does not preempt the task
+    /// running on its CPU (measured on two shared cores: less CPU per
+    /// statement, more throughput and a shorter tail under load).
     #[default]
     Batch,
     /// Keep the policy the gateway was started with (e.g. by `chrt`).

@@ -2,13 +2,13 @@
 //!
 //! On a machine where the agent and the database compete with the gateway
 //! for CPU, every message the gateway relays wakes it. Under the kernel's
-//! default policy the woken gateway preempts whatever runs on its CPU; under
-//! SCHED_BATCH it waits for that task's turn, by which time more messages
-//! are ready, so it relays more of them per wake-up. Measured side by side
-//! (select-only, 8 clients, two cores): about a microsecond less system time
-//! per transaction, more throughput and a shorter tail with 64 clients.
-//! SCHED_BATCH needs no privilege and leaves the gateway's share of CPU as
-//! it was (same nice level, same weight).
+//! default policy the woken gateway may preempt whatever runs on its CPU;
+//! under SCHED_BATCH it does not. Measured side by side (two cores shared
+//! with pgbench and PostgreSQL): about a microsecond less system time per
+//! select-only transaction, 9-22% more throughput, a shorter tail with 64
+//! clients, and lower latency for one client beside CPU-bound work (see
+//! the README's benchmark section). SCHED_BATCH needs no privilege and
+//! leaves the gateway's share of CPU as it was (same nice level, weight).
 
 use crate::config::SchedPolicy;
 

@@ -29,7 +29,7 @@ pub fn policy_name(policy: i32) -> &'static str {
         libc::SCHED_RR => "SCHED_RR",
         libc::SCHED_BATCH => "SCHED_BATCH",
         libc::SCHED_IDLE => "SCHED_IDLE",
-        6 => "SCHED_DEADLINE",
+        libc::SCHED_DEADLINE => "SCHED_DEADLINE",
         _ => "unknown",
     }
 }

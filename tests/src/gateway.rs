@@ -34,6 +34,11 @@ pub struct Gateway {
 impl Gateway {
     /// A gateway in front of `cluster`, logging in as the SCRAM role.
     pub fn start(cluster: &Cluster, extra: &[&str]) -> Gateway {
+        Self::start_under(&[], cluster, extra)
+    }
+
+    /// As `start`, run through `wrapper` (a command prefix such as `chrt`).
+    pub fn start_under(wrapper: &[&str], cluster: &Cluster, extra: &[&str]) -> Gateway {
         let dir = tempfile::tempdir().expect("temp dir");
         let pw = dir.path().join("upstream-password");
         std::fs::write(&pw, format!("{GW_PASSWORD}\n")).expect("write password file");
@@ -46,7 +51,8 @@ impl Gateway {
             pw.display().to_string(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
-        Self::start_raw(dir, &args)
+        let wrapper: Vec<String> = wrapper.iter().map(|s| s.to_string()).collect();
+        Self::start_wrapped(dir, &wrapper, &args)
     }
 
     /// A gateway with exactly these `run` flags (plus --listen and --audit).

@@ -3,7 +3,7 @@
 
 use std::process::Command;
 
-use agentgate_tests::cluster::{Options, GW_PASSWORD, GW_USER, PG_BIN, SUPERUSER};
+use agentgate_tests::cluster::{Options, GW_USER, PG_BIN, SUPERUSER};
 use agentgate_tests::{Cluster, Gateway};
 
 /// Statements the server ran for the gateway's role, from its own log
@@ -189,21 +189,7 @@ fn the_gateways_threads_run_under_sched_batch_unless_told_otherwise() {
     assert!(threads.iter().all(|(_, p)| *p == 0), "{threads:?}");
 
     // A policy an operator chose (here SCHED_IDLE by chrt) is kept.
-    let dir = tempfile::tempdir().unwrap();
-    let pw = dir.path().join("pw");
-    std::fs::write(&pw, GW_PASSWORD).unwrap();
-    let args: Vec<String> = [
-        "--upstream",
-        &db.addr(),
-        "--upstream-user",
-        GW_USER,
-        "--upstream-password-file",
-        pw.to_str().unwrap(),
-    ]
-    .map(String::from)
-    .to_vec();
-    let wrapper = ["chrt", "--idle", "0"].map(String::from);
-    let gw = Gateway::start_wrapped(tempfile::tempdir().unwrap(), &wrapper, &args);
+    let gw = Gateway::start_under(&["chrt", "--idle", "0"], &db, &[]);
     let threads = policies_after_sessions(&gw);
     assert!(threads.iter().all(|(_, p)| *p == 5), "{threads:?}");
     assert!(gw.stderr().contains("SCHED_IDLE"), "{}", gw.stderr());

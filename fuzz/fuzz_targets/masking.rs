@@ -82,6 +82,6 @@ fuzz_target!(|data: &[u8]| {
         ] {
             let _ = mask_text(&f, text);
         }
-        let _ = agentgate::sql::shape::shape(text);
+        let _ = agentgate::sql::shape::shape(text, &mut Vec::new());
     }
 });

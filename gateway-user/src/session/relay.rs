@@ -11,7 +11,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use super::masking::ResultMasker;
 use super::names::{ByName, Fast, Named};
 use super::stream::{fill, ReadError};
-use super::tracker::{Completed, Expect, PendingStatement, Tracker, Verdict};
+use super::tracker::{Completed, Expect, PendingStatement, Statements, Tracker, Verdict};
 use super::Shared;
 use crate::audit::{DecisionRecord, Record, RecordBody, SessionInfo, StatementRecord};
 use crate::mask::plan::RowSource;
@@ -83,7 +83,7 @@ struct Prepared {
     index: usize,
     bytes: usize,
     name: Arc<str>,
-    decision: Decision,
+    decision: Arc<Decision>,
 }
 
 /// Messages bound for one peer, joined back into one buffer. Adjacent frames
@@ -314,7 +314,7 @@ impl Relay {
                 let decision = if healthy {
                     state.judge.decide(&self.shared.policy, &analysis)
                 } else {
-                    Decision::audit_unavailable()
+                    Arc::new(Decision::audit_unavailable())
                 };
                 let decision = self.deny_computed(decision, &state.judge, &analysis);
                 if !decision.lets_through() {
@@ -324,20 +324,22 @@ impl Relay {
                         text.len(),
                         None,
                         &decision,
-                        Vec::new(),
+                        no_rows,
                     );
                     return Ok(Pass::Replace(self.deny_simple(pending, &decision, done)));
                 }
                 // Row sources matter only to masking.
-                let rows = if state.judge.mask.is_empty() {
-                    Vec::new()
-                } else {
-                    state.rows_of_all(&analysis)
-                };
+                let masking = !state.judge.mask.is_empty();
                 let pending =
-                    pending_statements("simple", &analysis, text.len(), None, &decision, rows);
+                    pending_statements("simple", &analysis, text.len(), None, &decision, |f| {
+                        if masking {
+                            state.rows_in_turn(f)
+                        } else {
+                            RowSource::NoData
+                        }
+                    });
                 state.track_sql_prepares(&analysis, text.len(), &decision);
-                Expect::Simple(pending.into())
+                Expect::Simple(pending)
             }
             fe::PARSE => {
                 let parse = fe::decode_parse(body)?;
@@ -345,7 +347,7 @@ impl Relay {
                 let decision = if healthy {
                     state.judge.decide(&self.shared.policy, &analysis)
                 } else {
-                    Decision::audit_unavailable()
+                    Arc::new(Decision::audit_unavailable())
                 };
                 let decision = self.deny_computed(decision, &state.judge, &analysis);
                 if !decision.lets_through() {
@@ -359,7 +361,7 @@ impl Relay {
                         parse.query.len(),
                         Some(parse.statement),
                         &decision,
-                        Vec::new(),
+                        no_rows,
                     );
                     return Ok(Pass::Replace(self.deny_extended(pending, &decision, done)));
                 }
@@ -408,7 +410,7 @@ impl Relay {
                             bind.statement
                         ));
                         return Ok(Pass::Replace(self.deny_extended(
-                            Vec::new(),
+                            Statements::new(),
                             &decision,
                             done,
                         )));
@@ -421,14 +423,15 @@ impl Relay {
                     let decision =
                         Decision::unknown_statement(&format!("portal {:?}", exec.portal));
                     return Ok(Pass::Replace(self.deny_extended(
-                        Vec::new(),
+                        Statements::new(),
                         &decision,
                         done,
                     )));
                 };
                 if !healthy {
-                    let decision = Decision::audit_unavailable();
-                    let pending = vec![pending_for(&p.prepared, &decision, RowSource::NoData)];
+                    let decision = Arc::new(Decision::audit_unavailable());
+                    let pending =
+                        smallvec::smallvec![pending_for(&p.prepared, &decision, RowSource::NoData)];
                     return Ok(Pass::Replace(self.deny_extended(pending, &decision, done)));
                 }
                 let rows = state.rows_of_prepared(&p.prepared);
@@ -458,7 +461,7 @@ impl Relay {
                     );
                     state.described.insert(portal, ());
                 }
-                Expect::Execute(Box::new(pending))
+                Expect::Execute(pending)
             }
             fe::DESCRIBE => {
                 let target = fe::decode_target(fe::DESCRIBE, body)?;
@@ -497,8 +500,8 @@ impl Relay {
                 return Ok(Pass::Forward);
             }
             fe::FUNCTION_CALL => {
-                let decision = Decision::function_call();
-                let pending = vec![PendingStatement {
+                let decision = Arc::new(Decision::function_call());
+                let pending = smallvec::smallvec![PendingStatement {
                     statement: StatementRecord {
                         protocol: "function_call",
                         analysis: Arc::new(Analysis {
@@ -510,7 +513,7 @@ impl Relay {
                         bytes: body.len(),
                         prepared: None,
                     },
-                    decision: decision.clone(),
+                    decision: Arc::clone(&decision),
                     started: Instant::now(),
                     rows: RowSource::NoData,
                     portal: None,
@@ -533,7 +536,12 @@ impl Relay {
     /// protected by a rule with `computed: deny`. Judged by the names in the
     /// statement and what the catalog cache already knows (views,
     /// partitions); anything it misses is still masked in the result.
-    fn deny_computed(&self, decision: Decision, judge: &Judge, analysis: &Analysis) -> Decision {
+    fn deny_computed(
+        &self,
+        decision: Arc<Decision>,
+        judge: &Judge,
+        analysis: &Analysis,
+    ) -> Arc<Decision> {
         if !decision.lets_through() || !judge.mask.has_computed_deny() {
             return decision;
         }
@@ -554,7 +562,7 @@ impl Relay {
                         .as_ref()
                         .map(|p| Arc::clone(&p.label))
                         .unwrap_or_else(|| Arc::from("builtin"));
-                    return Decision::computed_from_protected(&rule, label);
+                    return Arc::new(Decision::computed_from_protected(&rule, label));
                 }
             }
         }
@@ -563,7 +571,7 @@ impl Relay {
 
     fn deny_simple(
         &self,
-        statements: Vec<PendingStatement>,
+        statements: Statements,
         decision: &Decision,
         done: &mut Vec<Completed>,
     ) -> Frame {
@@ -573,7 +581,7 @@ impl Relay {
 
     fn deny_extended(
         &self,
-        statements: Vec<PendingStatement>,
+        statements: Statements,
         decision: &Decision,
         done: &mut Vec<Completed>,
     ) -> Frame {
@@ -583,7 +591,7 @@ impl Relay {
 
     fn deny(
         &self,
-        statements: Vec<PendingStatement>,
+        statements: Statements,
         decision: &Decision,
         extended: bool,
         done: &mut Vec<Completed>,
@@ -739,7 +747,7 @@ struct Judge {
     identities: Vec<usize>,
     /// Keyed by the analysis' address; the entry holds the analysis so the
     /// address cannot be reused while it is a key.
-    cache: HashMap<usize, (Arc<Analysis>, Decision), Fast>,
+    cache: HashMap<usize, (Arc<Analysis>, Arc<Decision>), Fast>,
     mask: Arc<MaskSet>,
 }
 
@@ -779,34 +787,34 @@ impl Judge {
         true
     }
 
-    fn decide(&mut self, store: &PolicyStore, analysis: &Arc<Analysis>) -> Decision {
+    fn decide(&mut self, store: &PolicyStore, analysis: &Arc<Analysis>) -> Arc<Decision> {
         self.refresh(store);
         let key = Arc::as_ptr(analysis) as usize;
         if let Some((_, d)) = self.cache.get(&key) {
-            return d.clone();
+            return Arc::clone(d);
         }
-        let d = policy::decide(self.policy.as_deref(), &self.identities, analysis);
+        let d = Arc::new(policy::decide(
+            self.policy.as_deref(),
+            &self.identities,
+            analysis,
+        ));
         if self.cache.len() >= DECISION_CACHE_ENTRIES {
             self.cache.clear();
         }
-        self.cache.insert(key, (Arc::clone(analysis), d.clone()));
+        self.cache
+            .insert(key, (Arc::clone(analysis), Arc::clone(&d)));
         d
     }
 }
 
 impl FrontendState {
-    /// What each statement of an allowed text returns, following the
-    /// cursors it declares and closes in order.
-    fn rows_of_all(&mut self, analysis: &Analysis) -> Vec<RowSource> {
-        analysis
-            .statements
-            .iter()
-            .map(|facts| {
-                let rows = self.rows_of(facts);
-                self.apply_cursor_effect(facts);
-                rows
-            })
-            .collect()
+    /// What a statement of an allowed text returns; called for each in
+    /// order, since the cursors it declares and closes change what later
+    /// statements read.
+    fn rows_in_turn(&mut self, facts: &StatementFacts) -> RowSource {
+        let rows = self.rows_of(facts);
+        self.apply_cursor_effect(facts);
+        rows
     }
 
     fn apply_cursor_effect(&mut self, facts: &StatementFacts) {
@@ -862,7 +870,12 @@ impl FrontendState {
     /// Statements prepared or dropped by SQL (`PREPARE`, `DEALLOCATE`,
     /// `DISCARD ALL`) are the same objects a Bind can name; an allowed
     /// PREPARE makes its name known with the judgement it got.
-    fn track_sql_prepares(&mut self, analysis: &Arc<Analysis>, bytes: usize, decision: &Decision) {
+    fn track_sql_prepares(
+        &mut self,
+        analysis: &Arc<Analysis>,
+        bytes: usize,
+        decision: &Arc<Decision>,
+    ) {
         for (index, facts) in analysis.statements.iter().enumerate() {
             match &facts.prepared_effect {
                 PreparedEffect::None => {}
@@ -874,7 +887,7 @@ impl FrontendState {
                             index,
                             bytes,
                             name: Arc::from(name.as_str()),
-                            decision: decision.clone(),
+                            decision: Arc::clone(decision),
                         }),
                     );
                 }
@@ -887,7 +900,7 @@ impl FrontendState {
     }
 }
 
-fn pending_for(p: &Prepared, decision: &Decision, rows: RowSource) -> PendingStatement {
+fn pending_for(p: &Prepared, decision: &Arc<Decision>, rows: RowSource) -> PendingStatement {
     PendingStatement {
         rows,
         portal: None,
@@ -899,21 +912,22 @@ fn pending_for(p: &Prepared, decision: &Decision, rows: RowSource) -> PendingSta
             bytes: p.bytes,
             prepared: Some(Arc::clone(&p.name)),
         },
-        decision: decision.clone(),
+        decision: Arc::clone(decision),
         started: Instant::now(),
     }
 }
 
 /// One pending entry per statement of the text; at least one, so that a text
-/// that does not parse is still audited.
+/// that does not parse is still audited. `rows` says what each statement
+/// returns, called in order.
 fn pending_statements(
     protocol: &'static str,
     analysis: &Arc<Analysis>,
     bytes: usize,
     prepared: Option<&str>,
-    decision: &Decision,
-    mut rows: Vec<RowSource>,
-) -> Vec<PendingStatement> {
+    decision: &Arc<Decision>,
+    mut rows: impl FnMut(&StatementFacts) -> RowSource,
+) -> Statements {
     let n = analysis
         .statements
         .len()
@@ -921,11 +935,10 @@ fn pending_statements(
     let started = Instant::now();
     (0..n)
         .map(|index| PendingStatement {
-            rows: if index < rows.len() {
-                std::mem::replace(&mut rows[index], RowSource::NoData)
-            } else {
-                RowSource::NoData
-            },
+            rows: analysis
+                .statements
+                .get(index)
+                .map_or(RowSource::NoData, &mut rows),
             portal: None,
             formats: fe::ResultFormats::default(),
             statement: StatementRecord {
@@ -935,20 +948,25 @@ fn pending_statements(
                 bytes,
                 prepared: prepared.map(Arc::from),
             },
-            decision: decision.clone(),
+            decision: Arc::clone(decision),
             started,
         })
         .collect()
 }
 
+/// What a denied statement returns: nothing.
+fn no_rows(_: &StatementFacts) -> RowSource {
+    RowSource::NoData
+}
+
 fn statement_record(info: &Arc<SessionInfo>, c: Completed) -> Record {
-    let s = *c.statement;
+    let s = c.statement;
     Record::new(
         "statement",
         Arc::clone(info),
         RecordBody::Statement {
             statement: s.statement,
-            decision: DecisionRecord(s.decision),
+            decision: DecisionRecord(Arc::unwrap_or_clone(s.decision)),
             outcome: c.outcome,
         },
     )

@@ -10,6 +10,8 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
+use smallvec::SmallVec;
+
 use crate::audit::{Outcome, StatementRecord};
 use crate::mask::plan::RowSource;
 use crate::policy::Decision;
@@ -25,7 +27,7 @@ use super::names::Named;
 pub struct PendingStatement {
     /// What its audit line says about it.
     pub statement: StatementRecord,
-    pub decision: Decision,
+    pub decision: Arc<Decision>,
     pub started: Instant,
     /// What its rows are made of, for masking computed columns.
     pub rows: RowSource,
@@ -67,19 +69,22 @@ pub enum Head<'a> {
     Other,
 }
 
+/// The statements of one message, in order. Nearly every message carries
+/// exactly one, so one is kept inline: no allocation per statement.
+pub type Statements = SmallVec<[PendingStatement; 1]>;
+
 /// A statement whose outcome is known, ready for the audit.
 #[derive(Debug)]
 pub struct Completed {
-    /// Boxed: it moves from queue to audit, and a box moves in one word.
-    pub statement: Box<PendingStatement>,
+    pub statement: PendingStatement,
     pub outcome: Outcome,
 }
 
-/// One message the backend will answer.
+/// One message the backend will answer, as the relay hands it over.
 #[derive(Debug)]
 pub enum Expect {
     /// A simple Query: its statements complete one by one, ReadyForQuery ends it.
-    Simple(VecDeque<PendingStatement>),
+    Simple(Statements),
     /// Parse of the named statement.
     Parse(String),
     /// Bind of the named portal.
@@ -91,7 +96,7 @@ pub enum Expect {
         hidden: bool,
     },
     Close,
-    Execute(Box<PendingStatement>),
+    Execute(PendingStatement),
     Sync,
     /// A denied message, replaced upstream by one that fails at once, so the
     /// server itself enters the error state PostgreSQL would. Its error is
@@ -99,15 +104,45 @@ pub enum Expect {
     /// discard until Sync (a Parse stand-in) or answer ReadyForQuery (a
     /// Query stand-in).
     Denied {
-        statements: Vec<PendingStatement>,
+        statements: Statements,
         error: Frame,
         extended: bool,
     },
 }
 
-impl Expect {
-    fn is_sync(&self) -> bool {
-        matches!(self, Expect::Sync)
+/// A message in the queue. Its statements are not in it but, in the same
+/// order, in the tracker's statement queue: a queued message stays a few
+/// words long, and neither queue allocates once it has grown.
+#[derive(Debug)]
+enum Queued {
+    /// `left`: its statements not completed yet.
+    Simple {
+        left: usize,
+    },
+    Parse,
+    Bind,
+    Describe {
+        target: Described,
+        hidden: bool,
+    },
+    Close,
+    Execute,
+    Sync,
+    Denied {
+        left: usize,
+        error: Frame,
+        extended: bool,
+    },
+}
+
+impl Queued {
+    /// How many statements at the front of the statement queue are its own.
+    fn statements(&self) -> usize {
+        match self {
+            Queued::Simple { left } | Queued::Denied { left, .. } => *left,
+            Queued::Execute => 1,
+            _ => 0,
+        }
     }
 }
 
@@ -121,7 +156,9 @@ pub enum Verdict {
 
 #[derive(Debug, Default)]
 pub struct Tracker {
-    queue: VecDeque<Expect>,
+    queue: VecDeque<Queued>,
+    /// The statements of the queued messages, front first.
+    statements: VecDeque<PendingStatement>,
     /// After an extended-protocol error with no Sync queued yet: the server
     /// discards every message until the next Sync, and so must we.
     discarding: bool,
@@ -139,14 +176,26 @@ pub struct Tracker {
     in_transaction: bool,
 }
 
-fn outcome(status: &'static str, started: Instant) -> Outcome {
-    Outcome {
+/// Hands a statement to the audit with `status`; the outcome is returned
+/// for the caller to add what else it knows.
+fn complete<'d>(
+    s: PendingStatement,
+    status: &'static str,
+    done: &'d mut Vec<Completed>,
+) -> &'d mut Outcome {
+    let outcome = Outcome {
         status,
         sqlstate: None,
         rows: None,
-        duration_us: started.elapsed().as_micros() as u64,
+        duration_us: s.started.elapsed().as_micros() as u64,
         masked: None,
-    }
+    };
+    done.push(Completed {
+        statement: s,
+        outcome,
+    });
+    let last = done.len() - 1;
+    &mut done[last].outcome
 }
 
 impl Tracker {
@@ -159,14 +208,51 @@ impl Tracker {
             _ => {}
         }
         if self.discarding {
-            if expect.is_sync() {
+            if matches!(expect, Expect::Sync) {
                 self.discarding = false;
             } else {
-                skip(expect, done);
+                // The server discards it: its statements never run.
+                let statements = match expect {
+                    Expect::Simple(s) | Expect::Denied { statements: s, .. } => s,
+                    Expect::Execute(s) => smallvec::smallvec![s],
+                    _ => Statements::new(),
+                };
+                for s in statements {
+                    complete(s, "skipped", done);
+                }
                 return;
             }
         }
-        self.queue.push_back(expect);
+        let queued = match expect {
+            Expect::Simple(s) => {
+                let left = s.len();
+                self.statements.extend(s);
+                Queued::Simple { left }
+            }
+            Expect::Execute(s) => {
+                self.statements.push_back(s);
+                Queued::Execute
+            }
+            Expect::Denied {
+                statements,
+                error,
+                extended,
+            } => {
+                let left = statements.len();
+                self.statements.extend(statements);
+                Queued::Denied {
+                    left,
+                    error,
+                    extended,
+                }
+            }
+            Expect::Parse(_) => Queued::Parse,
+            Expect::Bind(_) => Queued::Bind,
+            Expect::Describe { target, hidden } => Queued::Describe { target, hidden },
+            Expect::Close => Queued::Close,
+            Expect::Sync => Queued::Sync,
+        };
+        self.queue.push_back(queued);
     }
 
     /// Whether `on_backend` does anything with messages of this type (the
@@ -190,14 +276,14 @@ impl Tracker {
     /// Accounts for one backend message; `follows` lists the types it reads.
     pub fn on_backend(&mut self, frame: FrameRef<'_>, done: &mut Vec<Completed>) -> Verdict {
         match frame.tag() {
-            backend::PARSE_COMPLETE => self.pop_if(|e| matches!(e, Expect::Parse(_))),
-            backend::BIND_COMPLETE => self.pop_if(|e| matches!(e, Expect::Bind(_))),
-            backend::CLOSE_COMPLETE => self.pop_if(|e| matches!(e, Expect::Close)),
+            backend::PARSE_COMPLETE => self.pop_if(|e| matches!(e, Queued::Parse)),
+            backend::BIND_COMPLETE => self.pop_if(|e| matches!(e, Queued::Bind)),
+            backend::CLOSE_COMPLETE => self.pop_if(|e| matches!(e, Queued::Close)),
             backend::ROW_DESCRIPTION | backend::NO_DATA => {
                 let fields = (self.masking && frame.tag() == backend::ROW_DESCRIPTION)
                     .then(|| self.row_shape(frame.body()))
                     .flatten();
-                if let Some(Expect::Describe { target, hidden }) = self.queue.front() {
+                if let Some(Queued::Describe { target, hidden }) = self.queue.front() {
                     let hidden = *hidden;
                     match fields {
                         Some(f) => {
@@ -220,17 +306,13 @@ impl Tracker {
             backend::ERROR_RESPONSE => return self.on_error(frame, done),
             backend::READY_FOR_QUERY => {
                 self.in_transaction = frame.body().first().is_some_and(|s| *s != b'I');
-                if let Some(head) = self.queue.front() {
-                    let ends = match head {
-                        Expect::Simple(_) | Expect::Sync => true,
-                        Expect::Denied { extended, .. } => !extended,
-                        _ => false,
-                    };
-                    if ends {
-                        if let Some(head) = self.queue.pop_front() {
-                            finish(head, "unknown", done);
-                        }
-                    }
+                let ends = match self.queue.front() {
+                    Some(Queued::Simple { .. } | Queued::Sync) => true,
+                    Some(Queued::Denied { extended, .. }) => !extended,
+                    _ => false,
+                };
+                if ends {
+                    self.finish_front("unknown", done);
                 }
             }
             _ => {}
@@ -260,9 +342,10 @@ impl Tracker {
     /// What the queue's head is.
     pub fn head(&self) -> Head<'_> {
         match self.queue.front() {
-            Some(Expect::Simple(s)) => s.front().map_or(Head::Other, Head::Statement),
-            Some(Expect::Execute(s)) => Head::Statement(s),
-            Some(Expect::Describe { .. }) => Head::Describe,
+            Some(q @ (Queued::Simple { .. } | Queued::Execute)) if q.statements() > 0 => {
+                self.statements.front().map_or(Head::Other, Head::Statement)
+            }
+            Some(Queued::Describe { .. }) => Head::Describe,
             _ => Head::Other,
         }
     }
@@ -295,10 +378,20 @@ impl Tracker {
         self.current = None;
     }
 
-    fn pop_if(&mut self, f: impl Fn(&Expect) -> bool) {
+    fn pop_if(&mut self, f: impl Fn(&Queued) -> bool) {
         if self.queue.front().is_some_and(f) {
             self.queue.pop_front();
         }
+    }
+
+    /// Completes the next statement of the head message.
+    fn complete_next<'d>(
+        &mut self,
+        status: &'static str,
+        done: &'d mut Vec<Completed>,
+    ) -> Option<&'d mut Outcome> {
+        let s = self.statements.pop_front()?;
+        Some(complete(s, status, done))
     }
 
     fn on_completion(&mut self, frame: FrameRef<'_>, done: &mut Vec<Completed>) {
@@ -313,27 +406,16 @@ impl Tracker {
             ),
         };
         match self.queue.front_mut() {
-            Some(Expect::Simple(statements)) => {
-                if let Some(s) = statements.pop_front() {
-                    let mut o = outcome(status, s.started);
-                    o.rows = rows;
-                    done.push(Completed {
-                        statement: s.into(),
-                        outcome: o,
-                    });
-                }
+            Some(Queued::Simple { left }) if *left > 0 => {
+                *left -= 1;
             }
-            Some(Expect::Execute(_)) => {
-                if let Some(Expect::Execute(s)) = self.queue.pop_front() {
-                    let mut o = outcome(status, s.started);
-                    o.rows = rows;
-                    done.push(Completed {
-                        statement: s,
-                        outcome: o,
-                    });
-                }
+            Some(Queued::Execute) => {
+                self.queue.pop_front();
             }
-            _ => {}
+            _ => return,
+        }
+        if let Some(o) = self.complete_next(status, done) {
+            o.rows = rows;
         }
     }
 
@@ -345,54 +427,43 @@ impl Tracker {
             return Verdict::Forward;
         };
         match head {
-            Expect::Simple(statements) => {
+            Queued::Simple { left } => {
                 // The failing statement ends the query; the rest never ran.
-                if let Some(s) = statements.pop_front() {
-                    let mut o = outcome("error", s.started);
-                    o.sqlstate = sqlstate;
-                    done.push(Completed {
-                        statement: s.into(),
-                        outcome: o,
-                    });
-                }
-                for s in statements.drain(..) {
-                    let o = outcome("skipped", s.started);
-                    done.push(Completed {
-                        statement: s.into(),
-                        outcome: o,
-                    });
+                let n = std::mem::take(left);
+                if n > 0 {
+                    if let Some(o) = self.complete_next("error", done) {
+                        o.sqlstate = sqlstate;
+                    }
+                    for _ in 1..n {
+                        self.complete_next("skipped", done);
+                    }
                 }
                 Verdict::Forward
             }
-            Expect::Sync => Verdict::Forward,
-            Expect::Denied {
-                statements,
+            Queued::Sync => Verdict::Forward,
+            Queued::Denied {
+                left,
                 error,
                 extended,
             } => {
                 let replacement = error.clone();
-                for s in statements.drain(..) {
-                    let mut o = outcome("denied", s.started);
-                    o.sqlstate = Some(backend::INSUFFICIENT_PRIVILEGE.to_owned());
-                    done.push(Completed {
-                        statement: s.into(),
-                        outcome: o,
-                    });
+                let extended = *extended;
+                for _ in 0..std::mem::take(left) {
+                    if let Some(o) = self.complete_next("denied", done) {
+                        o.sqlstate = Some(backend::INSUFFICIENT_PRIVILEGE.to_owned());
+                    }
                 }
-                if *extended {
+                if extended {
                     self.queue.pop_front();
                     self.discard_until_sync(done);
                 }
                 Verdict::Replace(replacement)
             }
             _ => {
-                if let Some(Expect::Execute(s)) = self.queue.pop_front() {
-                    let mut o = outcome("error", s.started);
-                    o.sqlstate = sqlstate;
-                    done.push(Completed {
-                        statement: s,
-                        outcome: o,
-                    });
+                if let Some(Queued::Execute) = self.queue.pop_front() {
+                    if let Some(o) = self.complete_next("error", done) {
+                        o.sqlstate = sqlstate;
+                    }
                 }
                 self.discard_until_sync(done);
                 Verdict::Forward
@@ -402,42 +473,29 @@ impl Tracker {
 
     fn discard_until_sync(&mut self, done: &mut Vec<Completed>) {
         while let Some(front) = self.queue.front() {
-            if front.is_sync() {
+            if matches!(front, Queued::Sync) {
                 return;
             }
-            if let Some(e) = self.queue.pop_front() {
-                skip(e, done);
-            }
+            self.finish_front("skipped", done);
         }
         self.discarding = true;
     }
 
     /// The connection ended: whatever is still pending has no known outcome.
     pub fn abandon(&mut self, done: &mut Vec<Completed>) {
-        for e in self.queue.drain(..) {
-            finish(e, "unknown", done);
+        while !self.queue.is_empty() {
+            self.finish_front("unknown", done);
         }
     }
-}
 
-/// Completes the statements of a message the server discarded.
-fn skip(e: Expect, done: &mut Vec<Completed>) {
-    finish(e, "skipped", done);
-}
-
-fn finish(e: Expect, status: &'static str, done: &mut Vec<Completed>) {
-    let statements: Vec<PendingStatement> = match e {
-        Expect::Simple(s) => s.into(),
-        Expect::Execute(s) => vec![*s],
-        Expect::Denied { statements, .. } => statements,
-        _ => Vec::new(),
-    };
-    for s in statements {
-        let o = outcome(status, s.started);
-        done.push(Completed {
-            statement: s.into(),
-            outcome: o,
-        });
+    /// Takes the head message off the queue; its statements not yet
+    /// completed get `status`.
+    fn finish_front(&mut self, status: &'static str, done: &mut Vec<Completed>) {
+        if let Some(head) = self.queue.pop_front() {
+            for _ in 0..head.statements() {
+                self.complete_next(status, done);
+            }
+        }
     }
 }
 
@@ -446,21 +504,132 @@ mod tests {
     use super::*;
     use crate::wire::frame::encode_frame;
 
-    fn execute() -> Expect {
-        Expect::Execute(Box::new(PendingStatement {
+    /// A pending statement whose audited size says which it is.
+    fn statement(bytes: usize) -> PendingStatement {
+        PendingStatement {
             statement: StatementRecord {
                 protocol: "extended",
                 analysis: Arc::new(crate::sql::analyze("SELECT 1")),
                 index: 0,
-                bytes: 8,
+                bytes,
                 prepared: None,
             },
-            decision: Decision::unparseable(),
+            decision: Arc::new(Decision::unparseable()),
             started: Instant::now(),
             rows: RowSource::NoData,
             portal: None,
             formats: ResultFormats::default(),
-        }))
+        }
+    }
+
+    fn execute() -> Expect {
+        Expect::Execute(statement(8))
+    }
+
+    /// A simple Query of statements numbered from `first`.
+    fn simple(first: usize, n: usize) -> Expect {
+        Expect::Simple((first..first + n).map(statement).collect())
+    }
+
+    fn complete() -> Frame {
+        encode_frame(backend::COMMAND_COMPLETE, |b| {
+            b.extend_from_slice(b"SELECT 1\0")
+        })
+    }
+
+    fn error() -> Frame {
+        backend::error_response("ERROR", "22012", "division by zero")
+    }
+
+    fn ready() -> Frame {
+        encode_frame(backend::READY_FOR_QUERY, |b| b.extend_from_slice(b"I"))
+    }
+
+    /// Which statements were audited, in order, with what status.
+    fn audited(done: &[Completed]) -> Vec<(usize, &'static str)> {
+        done.iter()
+            .map(|c| (c.statement.statement.bytes, c.outcome.status))
+            .collect()
+    }
+
+    #[test]
+    fn each_statement_of_a_query_gets_its_own_outcome_in_order() {
+        let mut t = Tracker::default();
+        let mut done = Vec::new();
+        t.push(simple(1, 3), &mut done);
+        t.push(simple(4, 1), &mut done);
+        for f in [complete(), error(), ready(), complete(), ready()] {
+            t.on_backend(f.as_ref(), &mut done);
+        }
+        assert_eq!(
+            audited(&done),
+            [(1, "ok"), (2, "error"), (3, "skipped"), (4, "ok")]
+        );
+        assert_eq!(done[1].outcome.sqlstate.as_deref(), Some("22012"));
+        assert_eq!(done[0].outcome.rows, Some(1));
+        assert!(t.at_rest());
+        assert!(t.statements.is_empty());
+    }
+
+    #[test]
+    fn after_an_extended_error_the_rest_until_sync_is_skipped() {
+        let mut t = Tracker::default();
+        let mut done = Vec::new();
+        t.push(Expect::Bind(String::new()), &mut done);
+        t.push(Expect::Execute(statement(1)), &mut done);
+        t.push(Expect::Execute(statement(2)), &mut done);
+        t.on_backend(
+            encode_frame(backend::BIND_COMPLETE, |_| {}).as_ref(),
+            &mut done,
+        );
+        t.on_backend(error().as_ref(), &mut done);
+        // Sent after the error, before its Sync: the server discards it too.
+        t.push(Expect::Execute(statement(3)), &mut done);
+        t.push(Expect::Sync, &mut done);
+        t.push(Expect::Execute(statement(4)), &mut done);
+        t.push(Expect::Sync, &mut done);
+        for f in [ready(), complete(), ready()] {
+            t.on_backend(f.as_ref(), &mut done);
+        }
+        assert_eq!(
+            audited(&done),
+            [(1, "error"), (2, "skipped"), (3, "skipped"), (4, "ok")]
+        );
+        assert!(t.at_rest());
+    }
+
+    #[test]
+    fn a_denied_query_audits_all_its_statements_as_denied() {
+        let mut t = Tracker::default();
+        let mut done = Vec::new();
+        let denial = backend::error_response("ERROR", "42501", "denied by rule x");
+        t.push(
+            Expect::Denied {
+                statements: (1..=2).map(statement).collect(),
+                error: denial.clone(),
+                extended: false,
+            },
+            &mut done,
+        );
+        let verdict = t.on_backend(error().as_ref(), &mut done);
+        assert!(
+            matches!(verdict, Verdict::Replace(f) if f.as_ref().body() == denial.as_ref().body())
+        );
+        t.on_backend(ready().as_ref(), &mut done);
+        assert_eq!(audited(&done), [(1, "denied"), (2, "denied")]);
+        assert!(t.at_rest());
+    }
+
+    #[test]
+    fn a_lost_connection_leaves_what_was_in_flight_unknown() {
+        let mut t = Tracker::default();
+        let mut done = Vec::new();
+        t.push(simple(1, 2), &mut done);
+        t.push(Expect::Execute(statement(3)), &mut done);
+        t.on_backend(complete().as_ref(), &mut done);
+        t.abandon(&mut done);
+        assert_eq!(audited(&done), [(1, "ok"), (2, "unknown"), (3, "unknown")]);
+        assert!(t.statements.is_empty());
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Analyses cached by statement text, and by shape.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -19,14 +20,31 @@ pub struct AnalysisCache {
 /// Keys are the client's text, hashed on every statement: a fast hasher
 /// (foldhash) rather than SipHash, since the gateway's own bounded cache
 /// is cleared when full and cannot be flooded into slowness.
-type Map = HashMap<Arc<str>, Arc<Analysis>, foldhash::fast::RandomState>;
+type Map<K> = HashMap<Box<K>, Arc<Analysis>, foldhash::fast::RandomState>;
 
 #[derive(Default)]
 struct Maps {
     /// By exact text: texts without numbers, and analyses not shareable.
-    exact: Map,
-    /// By shape (numbers replaced), for shareable analyses.
-    shapes: Map,
+    exact: Map<str>,
+    /// By shape (numbers replaced, kept as bytes), for shareable analyses.
+    shapes: Map<[u8]>,
+}
+
+enum ByShape {
+    Hit(Arc<Analysis>),
+    /// Not cached: the shape, to insert under.
+    Miss(Box<[u8]>),
+    /// The text has no number to replace.
+    NoShape,
+}
+
+/// The largest shape buffer kept for the next statement.
+const SHAPE_BUFFER_KEPT: usize = 64 * 1024;
+
+thread_local! {
+    /// Where each statement's shape is written: one buffer per thread,
+    /// reused, so a cache hit allocates nothing.
+    static SHAPE: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
 impl AnalysisCache {
@@ -43,12 +61,11 @@ impl AnalysisCache {
         if let Some(hit) = self.lock().exact.get(text) {
             return Arc::clone(hit);
         }
-        let shaped = shape(text);
-        if let Some(key) = &shaped {
-            if let Some(hit) = self.lock().shapes.get(key.as_str()) {
-                return Arc::clone(hit);
-            }
-        }
+        let shaped = match SHAPE.with_borrow_mut(|buf| self.by_shape(text, buf)) {
+            ByShape::Hit(hit) => return hit,
+            ByShape::Miss(key) => Some(key),
+            ByShape::NoShape => None,
+        };
         let analysis = Arc::new(analyze(text));
         let mut maps = self.lock();
         // Dropping everything when full is crude but bounded and O(1)
@@ -59,13 +76,29 @@ impl AnalysisCache {
         }
         match shaped {
             Some(key) if analysis.shareable => {
-                maps.shapes.insert(Arc::from(key), Arc::clone(&analysis));
+                maps.shapes.insert(key, Arc::clone(&analysis));
             }
             _ => {
-                maps.exact.insert(Arc::from(text), Arc::clone(&analysis));
+                maps.exact.insert(Box::from(text), Arc::clone(&analysis));
             }
         }
         analysis
+    }
+
+    fn by_shape(&self, text: &str, buf: &mut Vec<u8>) -> ByShape {
+        let found = if shape(text, buf) {
+            match self.lock().shapes.get(buf.as_slice()) {
+                Some(hit) => ByShape::Hit(Arc::clone(hit)),
+                None => ByShape::Miss(Box::from(buf.as_slice())),
+            }
+        } else {
+            ByShape::NoShape
+        };
+        // One huge statement must not pin its size for the thread's life.
+        if buf.capacity() > SHAPE_BUFFER_KEPT {
+            *buf = Vec::new();
+        }
+        found
     }
 
     pub fn clear(&self) {

@@ -12,11 +12,15 @@
 //! glued to letters, exponents) is left as written, which only costs a
 //! cache miss, never a wrong merge.
 
-/// The shape, or `None` when the text has no number to replace (then the
-/// exact text is the key already).
-pub fn shape(text: &str) -> Option<String> {
+/// Writes the shape into `out` (cleared first) and returns true; false when
+/// the text has no number to replace (then the exact text is the key
+/// already) or the scanner gave up. The caller's buffer is reused from
+/// statement to statement: the shape is only a lookup key, so it stays
+/// bytes and is neither allocated nor checked for UTF-8 each time.
+pub fn shape(text: &str, out: &mut Vec<u8>) -> bool {
+    out.clear();
     let b = text.as_bytes();
-    let mut out: Option<Vec<u8>> = None;
+    let mut replaced = false;
     let mut copied = 0; // bytes of `b` already accounted for in `out`
     let mut i = 0;
     while i < b.len() {
@@ -56,25 +60,34 @@ pub fn shape(text: &str) -> Option<String> {
                     }
                     continue;
                 }
-                let o = out.get_or_insert_with(|| Vec::with_capacity(b.len()));
-                o.extend_from_slice(&b[copied..start]);
-                o.push(b'0');
+                out.extend_from_slice(&b[copied..start]);
+                out.push(b'0');
+                replaced = true;
                 copied = i;
             }
             _ => match c {
                 b'\'' => {
                     let escapes =
                         i > 0 && matches!(b[i - 1], b'e' | b'E') && !ident_char_before(b, i - 1);
-                    i = skip_quoted(b, i + 1, b'\'', escapes)?;
+                    match skip_quoted(b, i + 1, b'\'', escapes) {
+                        Some(next) => i = next,
+                        None => return false,
+                    }
                 }
-                b'"' => i = skip_quoted(b, i + 1, b'"', false)?,
+                b'"' => match skip_quoted(b, i + 1, b'"', false) {
+                    Some(next) => i = next,
+                    None => return false,
+                },
                 b'-' if b.get(i + 1) == Some(&b'-') => {
                     i = b[i..]
                         .iter()
                         .position(|&x| x == b'\n')
                         .map_or(b.len(), |p| i + p + 1);
                 }
-                b'/' if b.get(i + 1) == Some(&b'*') => i = skip_block_comment(b, i)?,
+                b'/' if b.get(i + 1) == Some(&b'*') => match skip_block_comment(b, i) {
+                    Some(next) => i = next,
+                    None => return false,
+                },
                 b'$' => {
                     // `$1` parameters and `$tag$...$tag$` strings.
                     let start = i;
@@ -94,7 +107,9 @@ pub fn shape(text: &str) -> Option<String> {
                     if b.get(i) == Some(&b'$') && !ident_char_before(b, start) {
                         let tag = &b[start..=i];
                         let body = i + 1;
-                        let end = find(&b[body..], tag)?;
+                        let Some(end) = find(&b[body..], tag) else {
+                            return false;
+                        };
                         i = body + end + tag.len();
                     }
                 }
@@ -103,10 +118,10 @@ pub fn shape(text: &str) -> Option<String> {
             },
         }
     }
-    let mut o = out?;
-    o.extend_from_slice(&b[copied..]);
-    // Only ASCII digits were replaced by an ASCII digit, at char boundaries.
-    String::from_utf8(o).ok()
+    if replaced {
+        out.extend_from_slice(&b[copied..]);
+    }
+    replaced
 }
 
 const PLAIN: u8 = 0;
@@ -197,7 +212,11 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 
 #[cfg(test)]
 mod tests {
-    use super::shape;
+    /// The shape as text, or `None`, for readable assertions.
+    fn shape(text: &str) -> Option<String> {
+        let mut out = Vec::new();
+        super::shape(text, &mut out).then(|| String::from_utf8(out).unwrap())
+    }
 
     #[test]
     fn numbers_in_expressions_are_replaced() {

@@ -238,46 +238,11 @@ impl Relay {
         let mut out = Outbox::default();
         let mut done = Vec::new();
         loop {
-            let mut terminate = false;
-            // Bytes at the front of `buf` judged and going upstream as they are.
-            let mut kept = 0;
-            loop {
-                let total = match splitter.peek(&buf[kept..]) {
-                    Ok(Some(n)) => n,
-                    Ok(None) => break,
-                    Err(e) => return e.into(),
-                };
-                let frame = FrameRef::new(&buf[kept..kept + total]);
-                terminate = frame.tag() == fe::TERMINATE;
-                let pass = match self.judge(frame, &mut state, &mut done) {
-                    Ok(p) => p,
+            let terminate =
+                match self.frontend_batch(&splitter, &mut buf, &mut state, &mut out, &mut done) {
+                    Ok(t) => t,
                     Err(end) => return end,
                 };
-                match (pass, state.inject.take()) {
-                    (Pass::Forward, None) => kept += total,
-                    (pass, inject) => {
-                        out.take_kept(&mut buf, &mut kept);
-                        if let Some(pre) = inject {
-                            out.push(pre);
-                        }
-                        match pass {
-                            // Now at the front of `buf`: it starts the next run.
-                            Pass::Forward => kept = total,
-                            Pass::Replace(f) => {
-                                buf.advance(total);
-                                out.push(f);
-                            }
-                        }
-                    }
-                }
-                if terminate {
-                    break;
-                }
-            }
-            out.take_kept(&mut buf, &mut kept);
-            if let Err(e) = splitter.reserve_pending(&mut buf) {
-                return e.into();
-            }
             if let Err(e) = out.send(upstream).await {
                 return End::Io(format!("writing to the database: {e}"));
             }
@@ -293,6 +258,49 @@ impl Relay {
                 Err(e) => return End::Io(format!("reading from the client: {e}")),
             }
         }
+    }
+
+    /// Judges the whole messages at the front of `buf` and moves what goes
+    /// upstream into `out`; true when the client said Terminate.
+    fn frontend_batch(
+        &self,
+        splitter: &FrameSplitter,
+        buf: &mut BytesMut,
+        state: &mut FrontendState,
+        out: &mut Outbox,
+        done: &mut Vec<Completed>,
+    ) -> Result<bool, End> {
+        let mut terminate = false;
+        // Bytes at the front of `buf` judged and going upstream as they are.
+        let mut kept = 0;
+        while let Some(total) = splitter.peek(&buf[kept..])? {
+            let frame = FrameRef::new(&buf[kept..kept + total]);
+            terminate = frame.tag() == fe::TERMINATE;
+            let pass = self.judge(frame, state, done)?;
+            match (pass, state.inject.take()) {
+                (Pass::Forward, None) => kept += total,
+                (pass, inject) => {
+                    out.take_kept(buf, &mut kept);
+                    if let Some(pre) = inject {
+                        out.push(pre);
+                    }
+                    match pass {
+                        // Now at the front of `buf`: it starts the next run.
+                        Pass::Forward => kept = total,
+                        Pass::Replace(f) => {
+                            buf.advance(total);
+                            out.push(f);
+                        }
+                    }
+                }
+            }
+            if terminate {
+                break;
+            }
+        }
+        out.take_kept(buf, &mut kept);
+        splitter.reserve_pending(buf)?;
+        Ok(terminate)
     }
 
     /// Judges one client message and says what goes upstream in its place.
@@ -629,64 +637,24 @@ impl Relay {
         loop {
             let mask = self.mask();
             self.tracker().masking = !mask.is_empty();
-            // Bytes at the front of `buf` going to the client as they are.
-            let mut kept = 0;
+            let mut planned = false;
             loop {
-                let total = match splitter.peek(&buf[kept..]) {
-                    Ok(Some(n)) => n,
+                match self.backend_batch(
+                    &splitter,
+                    &mut buf,
+                    &mut masker,
+                    &mask,
+                    planned,
+                    &mut out,
+                    &mut done,
+                ) {
                     Ok(None) => break,
-                    Err(e) => return End::Io(format!("database sent a bad frame: {e}")),
-                };
-                let frame = FrameRef::new(&buf[kept..kept + total]);
-                let tag = frame.tag();
-                let mut masked = None;
-                if !mask.is_empty() {
-                    if masker.needs_plan(tag) {
-                        let request = ResultMasker::request(&self.tracker(), frame);
+                    Ok(Some(request)) => {
                         masker.prepare(request, &mask).await;
+                        planned = true;
                     }
-                    match masker.rewrite(&mask, frame) {
-                        Ok(m) => masked = m,
-                        Err(e) => return End::Io(format!("database sent a bad message: {e}")),
-                    }
+                    Err(end) => return end,
                 }
-                if masked.is_none() && !Tracker::follows(tag) {
-                    // Rows and copy data: nothing to account for, so no lock.
-                    kept += total;
-                    continue;
-                }
-                let before = done.len();
-                let verdict = {
-                    let mut tracker = self.tracker();
-                    let seen = masked.as_ref().map_or(frame, Frame::as_ref);
-                    let v = tracker.on_backend(seen, &mut done);
-                    if ends_result(tag) {
-                        tracker.end_result();
-                    }
-                    v
-                };
-                if ends_result(tag) {
-                    let counts = masker.finish();
-                    if let (Some(c), Some(first)) = (counts, done.get_mut(before)) {
-                        first.outcome.masked = Some(c);
-                    }
-                }
-                match (verdict, masked) {
-                    (Verdict::Forward, None) => kept += total,
-                    (verdict, masked) => {
-                        out.take_kept(&mut buf, &mut kept);
-                        buf.advance(total);
-                        match (verdict, masked) {
-                            (Verdict::Forward, Some(m)) => out.push(m),
-                            (Verdict::Replace(f), _) => out.push(f),
-                            (Verdict::Forward, None) | (Verdict::Drop, _) => {}
-                        }
-                    }
-                }
-            }
-            out.take_kept(&mut buf, &mut kept);
-            if let Err(e) = splitter.reserve_pending(&mut buf) {
-                return End::Io(format!("database sent a bad frame: {e}"));
             }
             if let Err(e) = out.send(client).await {
                 return End::Io(format!("writing to the client: {e}"));
@@ -703,6 +671,81 @@ impl Relay {
                 Err(e) => return End::Io(format!("reading from the database: {e}")),
             }
         }
+    }
+
+    /// Accounts for the whole messages at the front of `buf` and moves what
+    /// goes to the client into `out`. Stops early with what a masking plan
+    /// needs when the message at the front needs one (`planned` says it has
+    /// been made since).
+    #[allow(clippy::too_many_arguments)]
+    fn backend_batch(
+        &self,
+        splitter: &FrameSplitter,
+        buf: &mut BytesMut,
+        masker: &mut ResultMasker,
+        mask: &Arc<MaskSet>,
+        mut planned: bool,
+        out: &mut Outbox,
+        done: &mut Vec<Completed>,
+    ) -> Result<Option<super::masking::Request>, End> {
+        let bad_frame = |e: FrameError| End::Io(format!("database sent a bad frame: {e}"));
+        // Bytes at the front of `buf` going to the client as they are.
+        let mut kept = 0;
+        while let Some(total) = splitter.peek(&buf[kept..]).map_err(bad_frame)? {
+            let frame = FrameRef::new(&buf[kept..kept + total]);
+            let tag = frame.tag();
+            let mut masked = None;
+            if !mask.is_empty() {
+                if masker.needs_plan(tag) && !std::mem::take(&mut planned) {
+                    out.take_kept(buf, &mut kept);
+                    return Ok(Some(ResultMasker::request(
+                        &self.tracker(),
+                        FrameRef::new(&buf[..total]),
+                    )));
+                }
+                planned = false;
+                match masker.rewrite(mask, frame) {
+                    Ok(m) => masked = m,
+                    Err(e) => return Err(End::Io(format!("database sent a bad message: {e}"))),
+                }
+            }
+            if masked.is_none() && !Tracker::follows(tag) {
+                // Rows and copy data: nothing to account for, so no lock.
+                kept += total;
+                continue;
+            }
+            let before = done.len();
+            let verdict = {
+                let mut tracker = self.tracker();
+                let seen = masked.as_ref().map_or(frame, Frame::as_ref);
+                let v = tracker.on_backend(seen, done);
+                if ends_result(tag) {
+                    tracker.end_result();
+                }
+                v
+            };
+            if ends_result(tag) {
+                let counts = masker.finish();
+                if let (Some(c), Some(first)) = (counts, done.get_mut(before)) {
+                    first.outcome.masked = Some(c);
+                }
+            }
+            match (verdict, masked) {
+                (Verdict::Forward, None) => kept += total,
+                (verdict, masked) => {
+                    out.take_kept(buf, &mut kept);
+                    buf.advance(total);
+                    match (verdict, masked) {
+                        (Verdict::Forward, Some(m)) => out.push(m),
+                        (Verdict::Replace(f), _) => out.push(f),
+                        (Verdict::Forward, None) | (Verdict::Drop, _) => {}
+                    }
+                }
+            }
+        }
+        out.take_kept(buf, &mut kept);
+        splitter.reserve_pending(buf).map_err(bad_frame)?;
+        Ok(None)
     }
 }
 

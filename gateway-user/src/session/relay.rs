@@ -696,13 +696,14 @@ impl Relay {
             let tag = frame.tag();
             let mut masked = None;
             if !mask.is_empty() {
-                if masker.needs_plan(tag) && !std::mem::take(&mut planned) {
+                if !planned && masker.needs_plan(tag) {
                     out.take_kept(buf, &mut kept);
                     return Ok(Some(ResultMasker::request(
                         &self.tracker(),
                         FrameRef::new(&buf[..total]),
                     )));
                 }
+                // `planned` was for the message at the front only.
                 planned = false;
                 match masker.rewrite(mask, frame) {
                     Ok(m) => masked = m,

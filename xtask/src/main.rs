@@ -150,7 +150,8 @@ pub fn build_ebpf() -> Result<std::path::PathBuf> {
     let dir = root().join("gateway-ebpf");
     exec(
         Command::new("cargo")
-            .args(["+nightly", "build", "--release"])
+            .arg(format!("+{}", setup::NIGHTLY))
+            .args(["build", "--release"])
             .current_dir(&dir)
             // The workspace's stable settings must not leak into the probe build.
             .env_remove("RUSTFLAGS")
@@ -191,7 +192,8 @@ fn test(fuzz_seconds: Option<u64>) -> Result<()> {
         for target in targets {
             exec(
                 Command::new("cargo")
-                    .args(["+nightly", "fuzz", "run", target, "--"])
+                    .arg(format!("+{}", setup::NIGHTLY))
+                    .args(["fuzz", "run", target, "--"])
                     .arg(format!("-max_total_time={}", fuzz / targets.len() as u64))
                     .current_dir(root().join("fuzz")),
             )?;

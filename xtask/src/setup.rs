@@ -83,9 +83,15 @@ fn debian() -> Result<()> {
     Ok(())
 }
 
+/// The nightly the probes and fuzzers build with, pinned: its LLVM (22)
+/// must be the one bpf-linker is built against, and a plain `nightly` moves
+/// on (seen: a fresh machine fetched a nightly on LLVM 23, whose bitcode
+/// bpf-linker rejects with "Invalid record").
+pub const NIGHTLY: &str = "nightly-2026-05-15";
+
 fn nightly() -> Result<()> {
     let has_src = Command::new("rustup")
-        .args(["component", "list", "--installed", "--toolchain", "nightly"])
+        .args(["component", "list", "--installed", "--toolchain", NIGHTLY])
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).contains("rust-src"))
         .unwrap_or(false);
@@ -93,7 +99,7 @@ fn nightly() -> Result<()> {
         exec(Command::new("rustup").args([
             "toolchain",
             "install",
-            "nightly",
+            NIGHTLY,
             "--profile",
             "minimal",
             "--component",

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
+use tokio::runtime::Handle;
 
 use crate::audit::AuditSink;
 use crate::audit::{PolicyReloadRecord, Record, RecordBody, SessionInfo};
@@ -12,7 +13,7 @@ use crate::config::{ClientAuthMode, InterceptMode, Settings, UpstreamTls};
 use crate::intercept::{self, AttachOptions, Attached, Interception};
 use crate::policy::{PolicyStore, ReloadOutcome};
 use crate::session::{
-    self, tls, AgentRegistry, CancelRegistry, ClientAuth, Shared, UpstreamSettings,
+    self, tls, AgentRegistry, CancelRegistry, ClientAuth, RelayLoops, Shared, UpstreamSettings,
 };
 use crate::sql::AnalysisCache;
 
@@ -22,6 +23,14 @@ const SHUTDOWN_FLUSH: Duration = Duration::from_secs(10);
 /// How long shutdown waits for sessions to end beyond the grace they get to
 /// finish their work (those still logging in finish their login first).
 const SESSION_DRAIN: Duration = Duration::from_secs(5);
+
+/// `--worker-threads`: 0 is one per CPU.
+fn relay_threads(setting: usize) -> usize {
+    match setting {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    }
+}
 
 /// Checks the settings and builds what sessions share. Fails before
 /// anything listens, so a bad configuration never serves.
@@ -76,6 +85,8 @@ pub fn build(settings: &Settings) -> anyhow::Result<Arc<Shared>> {
         shutdown: Default::default(),
         shutdown_grace: settings.shutdown_grace,
         sessions: Default::default(),
+        relay_loops: RelayLoops::start(relay_threads(settings.worker_threads), Handle::current())
+            .context("cannot start the relay threads")?,
     }))
 }
 

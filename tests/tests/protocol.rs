@@ -206,6 +206,38 @@ fn client_vanishing_mid_result_leaves_the_gateway_serving() {
 }
 
 #[test]
+fn a_client_that_stops_reading_holds_back_only_its_own_session() {
+    let db = Cluster::start();
+    // One relay thread: the stalled session and the other share it.
+    let gw = Gateway::start(&db, &["--worker-threads", "1"]);
+    let mut slow = RawConn::connect(gw.port, "agent");
+    // About 20 MB: far more than the sockets between them can hold.
+    slow.send(&raw::query(
+        "SELECT repeat('x', 1000) FROM generate_series(1, 20000)",
+    ));
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let mut other = RawConn::connect(gw.port, "agent");
+    for i in 0..50 {
+        let reply = other.simple(&format!("SELECT {i}"));
+        assert_eq!(tags(&reply), "TDCZ", "query {i} of the other session");
+    }
+    // Nothing of the stalled result was lost or reordered.
+    let result = slow.until_ready();
+    let rows = result.iter().filter(|(t, _)| *t == b'D').count();
+    assert_eq!(rows, 20_000);
+    assert!(result
+        .iter()
+        .filter(|(t, _)| *t == b'D')
+        .all(|(_, b)| b.len() == 2 + 4 + 1000));
+    let complete = result
+        .iter()
+        .find(|(t, _)| *t == b'C')
+        .expect("CommandComplete");
+    assert_eq!(&complete.1[..], b"SELECT 20000\0");
+    assert_eq!(tags(&slow.simple("SELECT 1")), "TDCZ");
+}
+
+#[test]
 fn sql_prepare_is_bindable_and_deallocate_forgets_it() {
     let db = Cluster::start();
     let gw = Gateway::start(&db, &[]);

@@ -11,6 +11,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::client_auth::{ScramServer, Verifier};
+use super::event_loop::Handoff;
 use super::relay::{End, Relay};
 use super::stream::{read_frame, ClientConn, Conn};
 use super::upstream::{self, UpstreamError};
@@ -231,10 +232,9 @@ pub async fn handle(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     } else {
         let relay = Arc::new(Relay::new(Arc::clone(&shared), Arc::clone(&info)));
         let end = match (client, up.conn) {
-            // Plain TCP both ways (the common case): socket halves with no
-            // lock taken on every read and write.
+            // Plain TCP both ways (the common case): on a relay loop.
             (Conn::Plain(c), Conn::Plain(u)) => {
-                relay_both_ways(&relay, c.into_split(), u.into_split(), (buf, up.buf), who).await
+                relay_on_loop(&relay, c, u, (buf, up.buf), who).await
             }
             (client, conn) => {
                 let c = tokio::io::split(client);
@@ -253,10 +253,54 @@ pub async fn handle(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     emit_end(&shared, &info, 0, started, end.describe()).await;
 }
 
-/// Runs both directions of a logged-in session until one ends (or, at
-/// shutdown, until it rests between transactions), then tells
-/// the peers what they need to know: a FATAL to a client that broke the
-/// protocol, a Terminate upstream when the client is gone.
+/// Relays a plain-TCP session on one of the relay loops until it ends (or,
+/// at shutdown, until it rests between transactions), then says the
+/// goodbyes with the sockets it gets back.
+async fn relay_on_loop(
+    relay: &Arc<Relay>,
+    client: TcpStream,
+    upstream: TcpStream,
+    (client_buf, upstream_buf): (BytesMut, BytesMut),
+    who: Who,
+) -> End {
+    let (client, upstream) = match (client.into_std(), upstream.into_std()) {
+        (Ok(c), Ok(u)) => (c, u),
+        (Err(e), _) | (_, Err(e)) => return End::Io(format!("relay loop: {e}")),
+    };
+    let (returned, back) = tokio::sync::oneshot::channel();
+    let ticket = relay.shared.relay_loops.hand_over(Handoff {
+        relay: Arc::clone(relay),
+        client,
+        upstream,
+        client_buf,
+        upstream_buf,
+        who,
+        returned,
+    });
+    tokio::pin!(back);
+    let returned = tokio::select! {
+        r = &mut back => r,
+        () = drained(relay) => {
+            ticket.stop();
+            back.await
+        }
+    };
+    let Ok(mut r) = returned else {
+        return End::Io("relay loop stopped".into());
+    };
+    let _ = relay.emit(&mut r.done).await;
+    let (cw, uw) = match (
+        TcpStream::from_std(r.client),
+        TcpStream::from_std(r.upstream),
+    ) {
+        (Ok(c), Ok(u)) => (c, u),
+        (Err(e), _) | (_, Err(e)) => return End::Io(format!("relay loop: {e}")),
+    };
+    goodbye(r.end, Some(cw), Some(uw), (r.to_client, r.to_upstream)).await
+}
+
+/// Runs both directions of a logged-in TLS session until one ends (or, at
+/// shutdown, until it rests between transactions), then says the goodbyes.
 ///
 /// Each direction is its own task, so a message arriving on one socket
 /// wakes only the code that reads it (one task selecting over both would
@@ -298,24 +342,10 @@ where
         (end, cw)
     });
     let lost = |e: tokio::task::JoinError| End::Io(format!("relay task failed: {e}"));
-    // At shutdown the session ends once the client's statements and open
-    // transaction are done (a rollout should not abort an agent's work), or
-    // when the grace runs out.
-    let shutdown = async {
-        relay.shared.shutdown.cancelled().await;
-        let grace = relay.shared.shutdown_grace;
-        if tokio::time::timeout(grace, relay.rested()).await.is_err() {
-            tracing::warn!(
-                session = %relay.info.session,
-                "session still busy {}s after shutdown began: its statements in flight are cut",
-                grace.as_secs()
-            );
-        }
-    };
     // The direction that ended first says why the session ends, unless the
     // gateway is shutting down.
     let (end, cw, uw) = tokio::select! {
-        _ = shutdown => {
+        () = drained(relay) => {
             let _ = stop_front.send(());
             let _ = stop_back.send(());
             let uw = front.await.ok().map(|f| f.1);
@@ -340,7 +370,44 @@ where
         }
     };
     let end = end.unwrap_or_else(|| End::Io("relay stopped".into()));
-    let goodbye = match &end {
+    goodbye(end, cw, uw, Default::default()).await
+}
+
+/// Returns once shutdown has begun and the session rests between
+/// transactions (a rollout should not abort an agent's work), or the grace
+/// has run out.
+async fn drained(relay: &Relay) {
+    relay.shared.shutdown.cancelled().await;
+    let grace = relay.shared.shutdown_grace;
+    if tokio::time::timeout(grace, relay.rested()).await.is_err() {
+        tracing::warn!(
+            session = %relay.info.session,
+            "session still busy {}s after shutdown began: its statements in flight are cut",
+            grace.as_secs()
+        );
+    }
+}
+
+/// How long the last words to a peer may take: one that does not read must
+/// not keep the session from ending.
+const GOODBYE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Tells the peers what they need to know as the session ends: what was
+/// still on its way to them where it still matters (the database's last
+/// error, the client's Terminate), a FATAL to a client that broke the
+/// protocol or is cut at shutdown, a Terminate upstream when the client is
+/// gone.
+async fn goodbye<CW, UW>(
+    end: End,
+    cw: Option<CW>,
+    uw: Option<UW>,
+    (to_client, to_upstream): (BytesMut, BytesMut),
+) -> End
+where
+    CW: AsyncWrite + Unpin,
+    UW: AsyncWrite + Unpin,
+{
+    let fatal = match &end {
         End::Malformed(m) => Some((
             PROTOCOL_VIOLATION,
             format!("agentgate: invalid frontend message: {m}"),
@@ -351,18 +418,34 @@ where
         )),
         _ => None,
     };
-    if let (Some((code, msg)), Some(mut cw)) = (goodbye, cw) {
-        let _ = cw
-            .write_all(backend::error_response("FATAL", code, &msg).as_bytes())
-            .await;
-        let _ = cw.flush().await;
-    }
-    if let (End::ClientGone | End::Malformed(_) | End::Io(_) | End::Shutdown, Some(mut uw)) =
-        (&end, uw)
-    {
+    let to_client = match (&end, fatal) {
+        (End::ServerGone, _) => Some(to_client),
+        (_, Some((code, msg))) => Some(backend::error_response("FATAL", code, &msg).into_buf()),
+        _ => None,
+    };
+    let to_upstream = match &end {
+        End::ClientTerminated => Some(to_upstream),
         // Say goodbye upstream so the backend ends at once.
-        let _ = uw.write_all(fe::terminate().as_bytes()).await;
-    }
+        End::ClientGone | End::Malformed(_) | End::Io(_) | End::Shutdown => {
+            Some(fe::terminate().into_buf())
+        }
+        End::ServerGone => None,
+    };
+    let words = async {
+        if let (Some(bytes), Some(mut cw)) = (to_client, cw) {
+            if !bytes.is_empty() {
+                let _ = cw.write_all(&bytes).await;
+                let _ = cw.flush().await;
+            }
+        }
+        if let (Some(bytes), Some(mut uw)) = (to_upstream, uw) {
+            if !bytes.is_empty() {
+                let _ = uw.write_all(&bytes).await;
+                let _ = uw.flush().await;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(GOODBYE_TIMEOUT, words).await;
     end
 }
 

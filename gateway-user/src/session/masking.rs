@@ -125,31 +125,9 @@ impl ResultMasker {
     /// Makes the plan (or reuses one made from the same row shape, lineage,
     /// rules and catalog), filling the catalog with what it needs first.
     pub async fn prepare(&mut self, req: Request, set: &Arc<MaskSet>) {
-        let key = match (&req.fields, &req.copy) {
-            (Some(fields), None) => Some(PlanKey {
-                fields: Arc::clone(fields),
-                rows: match &req.rows {
-                    RowSource::Known(l) => Arc::as_ptr(l) as usize,
-                    RowSource::NoData => 1,
-                    RowSource::Unknown => 2,
-                },
-                set: Arc::as_ptr(set) as usize,
-                generation: self.catalog.as_ref().map_or(0, |c| c.generation()),
-            }),
-            _ => None,
-        };
-        if let Some(k) = &key {
-            if let Some((last, (plan, _, _))) = &self.last {
-                if last == k {
-                    self.plan = Some(Arc::clone(plan));
-                    return;
-                }
-            }
-            if let Some(cached) = self.plans.get(k) {
-                self.plan = Some(Arc::clone(&cached.0));
-                self.last = Some((k.clone(), cached.clone()));
-                return;
-            }
+        let key = self.key(&req, set);
+        if key.as_ref().is_some_and(|k| self.cached(k)) {
+            return;
         }
         let rows = req.rows.clone();
         self.make_plan(req, set).await;
@@ -164,6 +142,44 @@ impl ResultMasker {
             self.last = Some((k.clone(), cached.clone()));
             self.plans.insert(k, cached);
         }
+    }
+
+    /// Takes the plan made earlier for the same request, when there is one:
+    /// true when no `prepare` (and no catalog lookup) is needed.
+    pub fn reuse(&mut self, req: &Request, set: &Arc<MaskSet>) -> bool {
+        self.key(req, set).is_some_and(|k| self.cached(&k))
+    }
+
+    /// Row results have a cache key; COPY plans are made each time.
+    fn key(&self, req: &Request, set: &Arc<MaskSet>) -> Option<PlanKey> {
+        match (&req.fields, &req.copy) {
+            (Some(fields), None) => Some(PlanKey {
+                fields: Arc::clone(fields),
+                rows: match &req.rows {
+                    RowSource::Known(l) => Arc::as_ptr(l) as usize,
+                    RowSource::NoData => 1,
+                    RowSource::Unknown => 2,
+                },
+                set: Arc::as_ptr(set) as usize,
+                generation: self.catalog.as_ref().map_or(0, |c| c.generation()),
+            }),
+            _ => None,
+        }
+    }
+
+    fn cached(&mut self, k: &PlanKey) -> bool {
+        if let Some((last, (plan, _, _))) = &self.last {
+            if last == k {
+                self.plan = Some(Arc::clone(plan));
+                return true;
+            }
+        }
+        if let Some(cached) = self.plans.get(k) {
+            self.plan = Some(Arc::clone(&cached.0));
+            self.last = Some((k.clone(), cached.clone()));
+            return true;
+        }
+        false
     }
 
     async fn make_plan(&mut self, req: Request, set: &MaskSet) {

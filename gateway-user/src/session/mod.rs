@@ -2,6 +2,7 @@
 
 mod cancel;
 mod client_auth;
+mod event_loop;
 mod handshake;
 mod masking;
 mod names;
@@ -22,6 +23,7 @@ use crate::sql::AnalysisCache;
 
 pub use cancel::{CancelRegistry, CancelTarget};
 pub use client_auth::{AgentRegistry, ScramServer, Verifier};
+pub use event_loop::RelayLoops;
 pub use scram::{SaltedPasswords, ScramClientError};
 pub use stream::{read_frame, ReadError};
 pub use upstream::UpstreamSettings;
@@ -53,6 +55,8 @@ pub struct Shared {
     pub shutdown_grace: std::time::Duration,
     /// The running sessions, waited for at shutdown.
     pub sessions: tokio_util::task::TaskTracker,
+    /// The threads that relay plain-TCP sessions once logged in.
+    pub relay_loops: RelayLoops,
 }
 
 /// Accepts clients until the task is dropped.

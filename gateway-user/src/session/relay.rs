@@ -89,7 +89,7 @@ struct Prepared {
 /// Messages bound for one peer, joined back into one buffer. Adjacent frames
 /// of one read are rejoined without copying (`unsplit` of neighbours).
 #[derive(Default)]
-struct Outbox {
+pub(super) struct Outbox {
     buf: BytesMut,
 }
 
@@ -120,6 +120,35 @@ impl Outbox {
         let out = std::mem::take(&mut self.buf);
         w.write_all(&out).await?;
         w.flush().await
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+
+    /// Writes as much as a non-blocking socket takes; true once all is
+    /// out, false when the socket is full and the rest waits here.
+    pub(super) fn send_now(&mut self, w: &mut impl std::io::Write) -> std::io::Result<bool> {
+        if self.buf.is_empty() {
+            return Ok(true);
+        }
+        while !self.buf.is_empty() {
+            match w.write(&self.buf) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => self.buf.advance(n),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        // Drops the view into the read buffer, so it can be reused.
+        self.buf = BytesMut::new();
+        Ok(true)
+    }
+
+    /// What has not been sent.
+    pub(super) fn into_unsent(self) -> BytesMut {
+        self.buf
     }
 }
 
@@ -162,8 +191,20 @@ impl Relay {
         }
     }
 
-    fn mask(&self) -> Arc<MaskSet> {
-        Arc::clone(&self.mask.lock().unwrap_or_else(|p| p.into_inner()))
+    /// The masking rules for the results of the next backend batch (the
+    /// client side picks up policy reloads).
+    pub(super) fn backend_mask(&self) -> Arc<MaskSet> {
+        let mask = Arc::clone(&self.mask.lock().unwrap_or_else(|p| p.into_inner()));
+        self.tracker().masking = !mask.is_empty();
+        mask
+    }
+
+    /// After each backend batch passed to the client: once shutdown has
+    /// begun, the drain looks again whether the session rests.
+    pub(super) fn offer_rest(&self) {
+        if self.shared.shutdown.is_cancelled() {
+            self.rest.notify_waiters();
+        }
     }
 
     pub fn statements_audited(&self) -> u64 {
@@ -175,36 +216,66 @@ impl Relay {
         self.tracker.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    async fn emit(&self, done: &mut Vec<Completed>) -> Result<(), End> {
-        for c in done.drain(..) {
-            self.statements_audited
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let s = &c.statement;
-            let ddl = s
-                .statement
-                .analysis
-                .statements
-                .get(s.statement.index)
-                .is_some_and(|f| f.kinds.contains(&"ddl"));
-            if ddl && c.outcome.status == "ok" {
-                // Names, columns or views may have changed under the masks.
-                self.shared
-                    .catalogs
-                    .invalidate(&self.info.target.addr, &self.info.target.database);
-            }
-            let audit = &self.shared.audit;
-            let io = |e: crate::audit::AuditError| End::Io(e.to_string());
-            if !audit
-                .try_emit_statement(&self.info, s.statement.as_ref(), &s.decision, &c.outcome)
-                .map_err(io)?
-            {
-                audit
-                    .emit(statement_record(&self.info, c))
-                    .await
-                    .map_err(io)?;
-            }
+    /// Audits completed statements, waiting for room in the audit buffer
+    /// when it is full.
+    pub(super) async fn emit(&self, done: &mut Vec<Completed>) -> Result<(), End> {
+        while !self.try_emit(done)? {
+            // The buffer is full: wait for room for the first one left.
+            let c = done.remove(0);
+            self.account(&c);
+            self.shared
+                .audit
+                .emit(statement_record(&self.info, c))
+                .await
+                .map_err(audit_failed)?;
         }
         Ok(())
+    }
+
+    /// Audits completed statements without waiting; false when the audit
+    /// buffer is full, with the statements not yet audited left in `done`.
+    pub(super) fn try_emit(&self, done: &mut Vec<Completed>) -> Result<bool, End> {
+        let mut sent = 0;
+        let all = loop {
+            let Some(c) = done.get(sent) else {
+                break Ok(true);
+            };
+            let s = &c.statement;
+            match self.shared.audit.try_emit_statement(
+                &self.info,
+                s.statement.as_ref(),
+                &s.decision,
+                &c.outcome,
+            ) {
+                Ok(true) => {
+                    self.account(c);
+                    sent += 1;
+                }
+                Ok(false) => break Ok(false),
+                Err(e) => break Err(audit_failed(e)),
+            }
+        };
+        done.drain(..sent);
+        all
+    }
+
+    /// Counts an audited statement; a DDL statement that succeeded may have
+    /// changed names, columns or views under the masks.
+    fn account(&self, c: &Completed) {
+        self.statements_audited
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let s = &c.statement;
+        let ddl = s
+            .statement
+            .analysis
+            .statements
+            .get(s.statement.index)
+            .is_some_and(|f| f.kinds.contains(&"ddl"));
+        if ddl && c.outcome.status == "ok" {
+            self.shared
+                .catalogs
+                .invalidate(&self.info.target.addr, &self.info.target.database);
+        }
     }
 
     /// Audits what was still in flight when the connection ended.
@@ -227,21 +298,18 @@ impl Relay {
         W: AsyncWrite + Unpin,
     {
         let splitter = FrameSplitter::new(self.shared.max_frame_bytes);
-        let mut state = FrontendState {
-            judge: Judge::new(who),
-            statements: ByName::default(),
-            portals: ByName::default(),
-            cursors: HashMap::default(),
-            described: Named::default(),
-            inject: None,
-        };
+        let mut state = FrontendState::new(who);
         let mut out = Outbox::default();
         let mut done = Vec::new();
         loop {
             let terminate =
                 match self.frontend_batch(&splitter, &mut buf, &mut state, &mut out, &mut done) {
                     Ok(t) => t,
-                    Err(end) => return end,
+                    Err(end) => {
+                        // What was judged before the bad message is audited.
+                        let _ = self.emit(&mut done).await;
+                        return end;
+                    }
                 };
             if let Err(e) = out.send(upstream).await {
                 return End::Io(format!("writing to the database: {e}"));
@@ -262,7 +330,7 @@ impl Relay {
 
     /// Judges the whole messages at the front of `buf` and moves what goes
     /// upstream into `out`; true when the client said Terminate.
-    fn frontend_batch(
+    pub(super) fn frontend_batch(
         &self,
         splitter: &FrameSplitter,
         buf: &mut BytesMut,
@@ -635,8 +703,7 @@ impl Relay {
             .get(&self.info.target.addr, &self.info.target.database);
         let mut masker = ResultMasker::new(Some(catalog));
         loop {
-            let mask = self.mask();
-            self.tracker().masking = !mask.is_empty();
+            let mask = self.backend_mask();
             let mut planned = false;
             loop {
                 match self.backend_batch(
@@ -653,7 +720,10 @@ impl Relay {
                         masker.prepare(request, &mask).await;
                         planned = true;
                     }
-                    Err(end) => return end,
+                    Err(end) => {
+                        let _ = self.emit(&mut done).await;
+                        return end;
+                    }
                 }
             }
             if let Err(e) = out.send(client).await {
@@ -662,9 +732,7 @@ impl Relay {
             if let Err(end) = self.emit(&mut done).await {
                 return end;
             }
-            if self.shared.shutdown.is_cancelled() {
-                self.rest.notify_waiters();
-            }
+            self.offer_rest();
             match fill(upstream, &mut buf).await {
                 Ok(()) => {}
                 Err(ReadError::Closed) => return End::ServerGone,
@@ -678,7 +746,7 @@ impl Relay {
     /// needs when the message at the front needs one (`planned` says it has
     /// been made since).
     #[allow(clippy::too_many_arguments)]
-    fn backend_batch(
+    pub(super) fn backend_batch(
         &self,
         splitter: &FrameSplitter,
         buf: &mut BytesMut,
@@ -762,7 +830,7 @@ fn ends_result(tag: u8) -> bool {
     )
 }
 
-struct FrontendState {
+pub(super) struct FrontendState {
     judge: Judge,
     statements: ByName<Arc<Prepared>>,
     portals: ByName<Portal>,
@@ -773,6 +841,19 @@ struct FrontendState {
     described: Named<()>,
     /// A message the gateway sends upstream before the one being judged.
     inject: Option<Frame>,
+}
+
+impl FrontendState {
+    pub(super) fn new(who: Who) -> Self {
+        Self {
+            judge: Judge::new(who),
+            statements: ByName::default(),
+            portals: ByName::default(),
+            cursors: HashMap::default(),
+            described: Named::default(),
+            inject: None,
+        }
+    }
 }
 
 /// A bound portal: its statement and the result formats Bind asked for.
@@ -1001,6 +1082,10 @@ fn pending_statements(
 /// What a denied statement returns: nothing.
 fn no_rows(_: &StatementFacts) -> RowSource {
     RowSource::NoData
+}
+
+fn audit_failed(e: crate::audit::AuditError) -> End {
+    End::Io(e.to_string())
 }
 
 fn statement_record(info: &Arc<SessionInfo>, c: Completed) -> Record {

@@ -121,8 +121,9 @@ pub struct RunArgs {
     /// Destination port to capture (repeat for several) [default: 5432].
     #[arg(long = "capture-port", value_name = "PORT")]
     pub capture_ports: Vec<u16>,
-    /// Threads relaying sessions: 1 runs everything on one thread (like
-    /// pgbouncer), 0 one per CPU [default: 1].
+    /// Threads relaying plain-TCP sessions, each an epoll loop (like
+    /// pgbouncer's one); 0 is one per CPU. Above 1, logins and TLS
+    /// sessions also run on that many runtime threads [default: 1].
     #[arg(long, value_name = "N")]
     pub worker_threads: Option<usize>,
     /// CPU scheduling policy of the gateway's threads [default: batch].

@@ -1,4 +1,7 @@
-//! One task per client: TLS, startup, authentication, upstream login, relay.
+//! One task per client for TLS, startup, authentication and the upstream
+//! login; then the relay: plain-TCP sessions on a relay loop thread
+//! (`event_loop`), TLS sessions on two tasks (`relay`), both running the same
+//! batch functions.
 
 mod cancel;
 mod client_auth;

@@ -247,6 +247,120 @@ fn a_stalled_audit_pipe_holds_statements_back_and_loses_none() {
     );
 }
 
+/// SIGTERM while a session waits for room in a stalled audit pipe: once the
+/// pipe is read again, every statement the client saw complete is in the
+/// trail, in order, the session ends for the shutdown, and the gateway
+/// exits cleanly.
+#[test]
+fn shutdown_while_statements_wait_for_the_audit_pipe_loses_none() {
+    use std::io::BufRead;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    let db = Cluster::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, port, stderr) = gateway_with_audit(
+        &db,
+        dir.path(),
+        &["--audit", "-", "--audit-buffer-bytes", "65536"],
+        std::process::Stdio::piped(),
+    );
+    let stdout = child.0.stdout.take().unwrap();
+    assert!(agentgate_tests::cluster::wait_port(port));
+
+    let done = Arc::new(AtomicU64::new(0));
+    let counter = Arc::clone(&done);
+    let client = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let dsn = format!("host=127.0.0.1 port={port} user=shipper dbname=postgres");
+            let (client, conn) = tokio_postgres::connect(&dsn, tokio_postgres::NoTls)
+                .await
+                .unwrap();
+            let conn = tokio::spawn(conn);
+            // Until the shutdown ends the session.
+            let err = loop {
+                match client.simple_query("SELECT 1").await {
+                    Ok(_) => counter.fetch_add(1, Ordering::Relaxed),
+                    Err(e) => break e,
+                };
+            };
+            drop(client);
+            let _ = conn.await;
+            err
+        })
+    });
+
+    // Wait until the client is held back.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let (mut last, mut since) = (u64::MAX, Instant::now());
+    while since.elapsed() < Duration::from_secs(2) {
+        assert!(Instant::now() < deadline, "the client never stalled");
+        let now = done.load(Ordering::Relaxed);
+        if now != last {
+            (last, since) = (now, Instant::now());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(last > 0, "no statement ran");
+    Command::new("kill")
+        .arg(child.0.id().to_string())
+        .status()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let reader = std::thread::spawn(move || {
+        std::io::BufReader::new(stdout)
+            .lines()
+            .map(|l| l.unwrap())
+            .collect::<Vec<_>>()
+    });
+    let err = client.join().expect("client thread");
+    assert_eq!(
+        sqlstate(Some(&err)).as_deref(),
+        Some("57P01"),
+        "the client is told the gateway shuts down: {err:?}"
+    );
+    let status = child.0.wait().unwrap();
+    assert!(
+        status.success(),
+        "{status:?}: {}",
+        std::fs::read_to_string(&stderr).unwrap()
+    );
+    let lines = reader.join().expect("reader thread");
+    let records: Vec<serde_json::Value> = lines
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    for (i, r) in records.iter().enumerate() {
+        assert_eq!(r["seq"], i as u64 + 1, "seq must be gap-free: {r}");
+    }
+    let ok = records
+        .iter()
+        .filter(|r| r["event"] == "statement" && r["outcome"]["status"] == "ok")
+        .count() as u64;
+    // The client counts a statement once its reply is read; the trail has
+    // each of those (and at most the one whose reply was on its way).
+    let seen = done.load(Ordering::Relaxed);
+    assert!(
+        ok == seen || ok == seen + 1,
+        "{ok} audited, {seen} completed"
+    );
+    assert_ended_by_shutdown(&records, &["shipper"]);
+    // Its end comes after all of its statements.
+    assert_eq!(
+        records
+            .iter()
+            .rev()
+            .find(|r| r["actor"]["user"] == "shipper")
+            .map(|r| r["event"].clone()),
+        Some("session.end".into())
+    );
+}
+
 /// SIGTERM does not abort an agent's work: a statement running and a
 /// transaction still open finish within the grace (the COMMIT sent after the
 /// signal commits), and only then are their sessions ended and audited.

@@ -145,59 +145,18 @@ fn an_unwritable_audit_trail_stops_statements() {
 /// shutdown.
 #[test]
 fn a_stalled_audit_pipe_holds_statements_back_and_loses_none() {
-    use std::io::BufRead;
-    use std::sync::atomic::{AtomicU64, Ordering};
-    use std::sync::Arc;
-    use std::time::{Duration, Instant};
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
 
     const STATEMENTS: u64 = 3000;
     let db = Cluster::start();
     let dir = tempfile::tempdir().unwrap();
-    // A small buffer: the pipe (64 KiB), the writer's batch in hand and this
-    // fill up within a few hundred statements.
-    let (mut child, port, stderr) = gateway_with_audit(
-        &db,
-        dir.path(),
-        &["--audit", "-", "--audit-buffer-bytes", "65536"],
-        std::process::Stdio::piped(),
-    );
-    let stdout = child.0.stdout.take().unwrap();
-    assert!(agentgate_tests::cluster::wait_port(port));
-
-    let done = Arc::new(AtomicU64::new(0));
-    let counter = Arc::clone(&done);
-    let client = std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let dsn = format!("host=127.0.0.1 port={port} user=shipper dbname=postgres");
-            let (client, conn) = tokio_postgres::connect(&dsn, tokio_postgres::NoTls)
-                .await
-                .unwrap();
-            let conn = tokio::spawn(conn);
-            for _ in 0..STATEMENTS {
-                client.simple_query("SELECT 1").await.unwrap();
-                counter.fetch_add(1, Ordering::Relaxed);
-            }
-            drop(client);
-            let _ = conn.await;
-        });
-    });
+    let (mut child, stdout, port, stderr) = stalled_pipe_gateway(&db, dir.path());
+    let (done, client) = shipper(port, Some(STATEMENTS));
 
     // Nobody reads: progress must stop, and stay stopped (a merely slow
     // machine would still creep forward).
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let (mut last, mut since) = (u64::MAX, Instant::now());
-    while since.elapsed() < Duration::from_secs(3) {
-        assert!(Instant::now() < deadline, "the client never stalled");
-        let now = done.load(Ordering::Relaxed);
-        if now != last {
-            (last, since) = (now, Instant::now());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let last = wait_stalled(&done, Duration::from_secs(3));
     assert!(
         last > 0 && last < STATEMENTS,
         "{last} of {STATEMENTS} statements ran with the audit pipe unread"
@@ -208,13 +167,9 @@ fn a_stalled_audit_pipe_holds_statements_back_and_loses_none() {
     assert!(log.contains("audit sink is not keeping up"), "{log}");
 
     // The shipper reads again: everything flows.
-    let reader = std::thread::spawn(move || {
-        std::io::BufReader::new(stdout)
-            .lines()
-            .map(|l| l.unwrap())
-            .collect::<Vec<_>>()
-    });
-    client.join().expect("client thread");
+    let reader = read_gap_free(stdout);
+    let err = client.join().expect("client thread");
+    assert!(err.is_none(), "{err:?}");
     assert_eq!(done.load(Ordering::Relaxed), STATEMENTS);
     agentgate_tests::wait_for(Duration::from_secs(10), || {
         std::fs::read_to_string(&stderr)
@@ -227,20 +182,8 @@ fn a_stalled_audit_pipe_holds_statements_back_and_loses_none() {
         .status()
         .unwrap();
     assert!(child.0.wait().unwrap().success());
-    let lines = reader.join().expect("reader thread");
-
-    let records: Vec<serde_json::Value> = lines
-        .iter()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
-        .collect();
-    for (i, r) in records.iter().enumerate() {
-        assert_eq!(r["seq"], i as u64 + 1, "seq must be gap-free: {r}");
-    }
-    let statements = records
-        .iter()
-        .filter(|r| r["event"] == "statement" && r["outcome"]["status"] == "ok")
-        .count();
-    assert_eq!(statements as u64, STATEMENTS);
+    let records = reader.join().expect("reader thread");
+    assert_eq!(ok_statements(&records), STATEMENTS);
     assert_eq!(
         records.last().map(|r| r["event"].clone()),
         Some("session.end".into())
@@ -253,72 +196,27 @@ fn a_stalled_audit_pipe_holds_statements_back_and_loses_none() {
 /// exits cleanly.
 #[test]
 fn shutdown_while_statements_wait_for_the_audit_pipe_loses_none() {
-    use std::io::BufRead;
-    use std::sync::atomic::{AtomicU64, Ordering};
-    use std::sync::Arc;
-    use std::time::{Duration, Instant};
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
 
     let db = Cluster::start();
     let dir = tempfile::tempdir().unwrap();
-    let (mut child, port, stderr) = gateway_with_audit(
-        &db,
-        dir.path(),
-        &["--audit", "-", "--audit-buffer-bytes", "65536"],
-        std::process::Stdio::piped(),
-    );
-    let stdout = child.0.stdout.take().unwrap();
-    assert!(agentgate_tests::cluster::wait_port(port));
+    let (mut child, stdout, port, stderr) = stalled_pipe_gateway(&db, dir.path());
+    // Until the shutdown ends the session.
+    let (done, client) = shipper(port, None);
 
-    let done = Arc::new(AtomicU64::new(0));
-    let counter = Arc::clone(&done);
-    let client = std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let dsn = format!("host=127.0.0.1 port={port} user=shipper dbname=postgres");
-            let (client, conn) = tokio_postgres::connect(&dsn, tokio_postgres::NoTls)
-                .await
-                .unwrap();
-            let conn = tokio::spawn(conn);
-            // Until the shutdown ends the session.
-            let err = loop {
-                match client.simple_query("SELECT 1").await {
-                    Ok(_) => counter.fetch_add(1, Ordering::Relaxed),
-                    Err(e) => break e,
-                };
-            };
-            drop(client);
-            let _ = conn.await;
-            err
-        })
-    });
-
-    // Wait until the client is held back.
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let (mut last, mut since) = (u64::MAX, Instant::now());
-    while since.elapsed() < Duration::from_secs(2) {
-        assert!(Instant::now() < deadline, "the client never stalled");
-        let now = done.load(Ordering::Relaxed);
-        if now != last {
-            (last, since) = (now, Instant::now());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let last = wait_stalled(&done, Duration::from_secs(2));
     assert!(last > 0, "no statement ran");
     Command::new("kill")
         .arg(child.0.id().to_string())
         .status()
         .unwrap();
     std::thread::sleep(Duration::from_millis(500));
-    let reader = std::thread::spawn(move || {
-        std::io::BufReader::new(stdout)
-            .lines()
-            .map(|l| l.unwrap())
-            .collect::<Vec<_>>()
-    });
-    let err = client.join().expect("client thread");
+    let reader = read_gap_free(stdout);
+    let err = client
+        .join()
+        .expect("client thread")
+        .expect("the session ends with an error");
     assert_eq!(
         sqlstate(Some(&err)).as_deref(),
         Some("57P01"),
@@ -330,18 +228,8 @@ fn shutdown_while_statements_wait_for_the_audit_pipe_loses_none() {
         "{status:?}: {}",
         std::fs::read_to_string(&stderr).unwrap()
     );
-    let lines = reader.join().expect("reader thread");
-    let records: Vec<serde_json::Value> = lines
-        .iter()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
-        .collect();
-    for (i, r) in records.iter().enumerate() {
-        assert_eq!(r["seq"], i as u64 + 1, "seq must be gap-free: {r}");
-    }
-    let ok = records
-        .iter()
-        .filter(|r| r["event"] == "statement" && r["outcome"]["status"] == "ok")
-        .count() as u64;
+    let records = reader.join().expect("reader thread");
+    let ok = ok_statements(&records);
     // The client counts a statement once its reply is read; the trail has
     // each of those (and at most the one whose reply was on its way).
     let seen = done.load(Ordering::Relaxed);
@@ -359,6 +247,113 @@ fn shutdown_while_statements_wait_for_the_audit_pipe_loses_none() {
             .map(|r| r["event"].clone()),
         Some("session.end".into())
     );
+}
+
+/// A gateway auditing to a pipe nobody reads yet, with a small buffer: the
+/// pipe (64 KiB), the writer's batch in hand and this fill up within a few
+/// hundred statements.
+fn stalled_pipe_gateway(
+    db: &Cluster,
+    dir: &std::path::Path,
+) -> (
+    agentgate_tests::KillOnDrop,
+    std::process::ChildStdout,
+    u16,
+    std::path::PathBuf,
+) {
+    let (mut child, port, stderr) = gateway_with_audit(
+        db,
+        dir,
+        &["--audit", "-", "--audit-buffer-bytes", "65536"],
+        std::process::Stdio::piped(),
+    );
+    let stdout = child.0.stdout.take().unwrap();
+    assert!(agentgate_tests::cluster::wait_port(port));
+    (child, stdout, port, stderr)
+}
+
+/// A client sending `SELECT 1` as user shipper, `limit` times or until an
+/// error, counting the replies it has read; its thread gives the error.
+fn shipper(
+    port: u16,
+    limit: Option<u64>,
+) -> (
+    std::sync::Arc<std::sync::atomic::AtomicU64>,
+    std::thread::JoinHandle<Option<tokio_postgres::Error>>,
+) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    let done = Arc::new(AtomicU64::new(0));
+    let counter = Arc::clone(&done);
+    let client = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let dsn = format!("host=127.0.0.1 port={port} user=shipper dbname=postgres");
+            let (client, conn) = tokio_postgres::connect(&dsn, tokio_postgres::NoTls)
+                .await
+                .unwrap();
+            let conn = tokio::spawn(conn);
+            let mut err = None;
+            while limit.is_none_or(|n| counter.load(Ordering::Relaxed) < n) {
+                if let Err(e) = client.simple_query("SELECT 1").await {
+                    err = Some(e);
+                    break;
+                }
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
+            drop(client);
+            let _ = conn.await;
+            err
+        })
+    });
+    (done, client)
+}
+
+/// Returns the count once it has not moved for `quiet`.
+fn wait_stalled(done: &std::sync::atomic::AtomicU64, quiet: std::time::Duration) -> u64 {
+    use std::time::{Duration, Instant};
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let (mut last, mut since) = (u64::MAX, Instant::now());
+    while since.elapsed() < quiet {
+        assert!(Instant::now() < deadline, "the client never stalled");
+        let now = done.load(std::sync::atomic::Ordering::Relaxed);
+        if now != last {
+            (last, since) = (now, Instant::now());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    last
+}
+
+/// Reads the audit pipe to its end; the records, checked gap-free.
+fn read_gap_free(
+    stdout: std::process::ChildStdout,
+) -> std::thread::JoinHandle<Vec<serde_json::Value>> {
+    use std::io::BufRead;
+    std::thread::spawn(move || {
+        let records: Vec<serde_json::Value> = std::io::BufReader::new(stdout)
+            .lines()
+            .map(|l| {
+                let l = l.unwrap();
+                serde_json::from_str(&l).unwrap_or_else(|e| panic!("{e}: {l}"))
+            })
+            .collect();
+        for (i, r) in records.iter().enumerate() {
+            assert_eq!(r["seq"], i as u64 + 1, "seq must be gap-free: {r}");
+        }
+        records
+    })
+}
+
+fn ok_statements(records: &[serde_json::Value]) -> u64 {
+    records
+        .iter()
+        .filter(|r| r["event"] == "statement" && r["outcome"]["status"] == "ok")
+        .count() as u64
 }
 
 /// SIGTERM does not abort an agent's work: a statement running and a

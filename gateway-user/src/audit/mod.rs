@@ -14,7 +14,7 @@ pub use record::{
     now_rfc3339, Actor, DecisionRecord, Outcome, PolicyReloadRecord, Record, RecordBody,
     SessionInfo, Source, StatementRecord, StatementRef, Target,
 };
-pub use writer::{AuditError, AuditSink, AuditTarget};
+pub use writer::{AuditError, AuditSink, AuditTarget, StatementLines};
 
 /// Version of the record schema (`docs/audit-schema.md`).
 pub const SCHEMA_VERSION: u32 = 1;

@@ -10,7 +10,7 @@ use tokio::sync::{oneshot, Notify};
 
 use super::record::{
     decision_json, push_json_name, push_json_str, Outcome, Record, RecordBody, SessionInfo,
-    Stamper, StatementRef,
+    Stamper, StatementRecord, StatementRef,
 };
 use super::SCHEMA_VERSION;
 use crate::policy::Decision;
@@ -205,20 +205,34 @@ impl AuditSink {
         self.try_append(|out, seq, stamper| append(out, seq, stamper, record))
     }
 
-    /// `try_emit` for a statement's line, from borrowed parts: the relay's
-    /// path, where building a `Record` would only move and drop them.
+    /// `try_emit` for a statement's line, from the relay's own records
+    /// (building a `Record` would only move and drop them). `lines` is the
+    /// session's: the part of the line its last statement shares with this
+    /// one is reused rather than serialised again.
     pub fn try_emit_statement(
         &self,
-        session: &SessionInfo,
-        statement: StatementRef<'_>,
-        decision: &Decision,
+        session: &Arc<SessionInfo>,
+        statement: &StatementRecord,
+        decision: &Arc<Decision>,
         outcome: &Outcome,
+        lines: &mut StatementLines,
     ) -> Result<bool, AuditError> {
         let ts = std::time::SystemTime::now();
         self.try_append(|out, seq, stamper| {
             let start = out.len();
-            head(out, seq, stamper, ts, "statement", session);
-            finish_statement(out, start, statement, decision, outcome);
+            opening(out, seq, stamper, ts);
+            // Serialising into a Vec cannot fail; if it somehow did, no
+            // half-made line goes out.
+            if lines
+                .push(out, session, statement, decision)
+                .and_then(|()| outcome.write_json(out))
+                .is_err()
+            {
+                out.truncate(start);
+                tracing::error!("audit record could not be serialised");
+                return;
+            }
+            out.extend_from_slice(b"}\n");
         })
     }
 
@@ -306,12 +320,22 @@ fn head(
     event: &'static str,
     session: &SessionInfo,
 ) {
+    opening(out, seq, stamper, ts);
+    event_and_session(out, event, session);
+}
+
+/// `{"v":..,"ts":..,"seq":..`: what differs on every line.
+fn opening(out: &mut Vec<u8>, seq: u64, stamper: &mut Stamper, ts: std::time::SystemTime) {
     out.extend_from_slice(b"{\"v\":");
     out.extend_from_slice(itoa::Buffer::new().format(SCHEMA_VERSION).as_bytes());
     out.extend_from_slice(b",\"ts\":\"");
     stamper.push(out, ts);
     out.extend_from_slice(b"\",\"seq\":");
     out.extend_from_slice(itoa::Buffer::new().format(seq).as_bytes());
+}
+
+/// `,"event":..` and the session's members (serialised once per session).
+fn event_and_session(out: &mut Vec<u8>, event: &'static str, session: &SessionInfo) {
     out.extend_from_slice(b",\"event\":");
     push_json_name(out, event);
     let members = session.members();
@@ -331,7 +355,10 @@ fn finish_statement(
     decision: &Decision,
     outcome: &Outcome,
 ) {
-    if statement_members(out, statement, decision, outcome).is_err() {
+    if statement_members(out, statement, decision)
+        .and_then(|()| outcome.write_json(out))
+        .is_err()
+    {
         out.truncate(start);
         tracing::error!("audit record could not be serialised");
         return;
@@ -339,14 +366,20 @@ fn finish_statement(
     out.extend_from_slice(b"}\n");
 }
 
-/// `,"statement":{...},"decision":{...},"outcome":{...}`, the same members
-/// `StatementRecord`'s own serialisation gives.
+/// `,"statement":{...},"decision":{...},"outcome":`, the members
+/// `StatementRecord`'s own serialisation gives, up to the outcome's value.
 fn statement_members(
     out: &mut Vec<u8>,
     statement: StatementRef<'_>,
     decision: &Decision,
-    outcome: &Outcome,
 ) -> serde_json::Result<()> {
+    statement_facts(out, statement);
+    push_bytes(out, statement.bytes);
+    statement_rest(out, statement.prepared, decision)
+}
+
+/// From `,"statement":{` to its audited facts, before `"bytes"`.
+fn statement_facts(out: &mut Vec<u8>, statement: StatementRef<'_>) {
     out.extend_from_slice(b",\"statement\":{\"protocol\":");
     push_json_name(out, statement.protocol);
     match statement.analysis.statements.get(statement.index) {
@@ -358,16 +391,107 @@ fn statement_members(
             b",\"text\":null,\"fingerprint\":null,\"kinds\":[],\"objects\":[],\"functions\":[]",
         ),
     }
+}
+
+fn push_bytes(out: &mut Vec<u8>, bytes: usize) {
     out.extend_from_slice(b",\"bytes\":");
-    out.extend_from_slice(itoa::Buffer::new().format(statement.bytes).as_bytes());
-    if let Some(p) = statement.prepared {
+    out.extend_from_slice(itoa::Buffer::new().format(bytes).as_bytes());
+}
+
+/// After `"bytes"`: the prepared statement's name, the decision, and the
+/// outcome's name.
+fn statement_rest(
+    out: &mut Vec<u8>,
+    prepared: Option<&str>,
+    decision: &Decision,
+) -> serde_json::Result<()> {
+    if let Some(p) = prepared {
         out.extend_from_slice(b",\"prepared\":");
         push_json_str(out, p)?;
     }
     out.extend_from_slice(b"},\"decision\":");
     out.extend_from_slice(decision_json(decision).as_bytes());
     out.extend_from_slice(b",\"outcome\":");
-    outcome.write_json(out)
+    Ok(())
+}
+
+/// The middle of a session's statement lines, from `,"event"` to
+/// `"outcome":` but for the statement's length, kept for the statement it
+/// was made for. A client runs the same few statements over and over (with
+/// other literals, hence other lengths), and this part changes only with
+/// the statement or its decision, while serialising it again is most of a
+/// line's cost.
+#[derive(Default)]
+pub struct StatementLines {
+    made_for: Option<LineKey>,
+    /// Up to the statement's `"bytes"`.
+    before: Vec<u8>,
+    /// After it.
+    after: Vec<u8>,
+}
+
+/// What a line's middle was made from. It holds the `Arc`s it compares by
+/// address, so no other value can take one of those addresses while the
+/// middle is kept: equal addresses mean the same, unchanging values.
+struct LineKey {
+    session: Arc<SessionInfo>,
+    analysis: Arc<crate::sql::Analysis>,
+    index: usize,
+    protocol: &'static str,
+    prepared: Option<Arc<str>>,
+    decision: Arc<Decision>,
+}
+
+impl LineKey {
+    fn is_for(
+        &self,
+        session: &Arc<SessionInfo>,
+        s: &StatementRecord,
+        decision: &Arc<Decision>,
+    ) -> bool {
+        Arc::ptr_eq(&self.analysis, &s.analysis)
+            && Arc::ptr_eq(&self.decision, decision)
+            && Arc::ptr_eq(&self.session, session)
+            && self.index == s.index
+            && self.protocol == s.protocol
+            && self.prepared == s.prepared
+    }
+}
+
+impl StatementLines {
+    /// Appends the middle of the statement's line to `out`.
+    fn push(
+        &mut self,
+        out: &mut Vec<u8>,
+        session: &Arc<SessionInfo>,
+        statement: &StatementRecord,
+        decision: &Arc<Decision>,
+    ) -> serde_json::Result<()> {
+        if !self
+            .made_for
+            .as_ref()
+            .is_some_and(|k| k.is_for(session, statement, decision))
+        {
+            self.made_for = None;
+            self.before.clear();
+            self.after.clear();
+            event_and_session(&mut self.before, "statement", session);
+            statement_facts(&mut self.before, statement.as_ref());
+            statement_rest(&mut self.after, statement.prepared.as_deref(), decision)?;
+            self.made_for = Some(LineKey {
+                session: Arc::clone(session),
+                analysis: Arc::clone(&statement.analysis),
+                index: statement.index,
+                protocol: statement.protocol,
+                prepared: statement.prepared.clone(),
+                decision: Arc::clone(decision),
+            });
+        }
+        out.extend_from_slice(&self.before);
+        push_bytes(out, statement.bytes);
+        out.extend_from_slice(&self.after);
+        Ok(())
+    }
 }
 
 struct Writer {
@@ -467,25 +591,28 @@ mod tests {
         v
     }
 
-    /// The relay's path (`try_emit_statement`, from borrowed parts) and a
-    /// whole `Record` give the same line but for its number and time.
-    fn assert_borrowed_line_is_the_same(body: RecordBody) {
-        let RecordBody::Statement {
-            statement,
-            decision,
-            outcome,
-        } = &body
-        else {
-            panic!("not a statement");
+    /// The relay's path (`try_emit_statement`, reusing the session's last
+    /// line where it can) and a whole `Record` give the same line but for
+    /// its number and time.
+    fn assert_relay_line_is_the_same(
+        session: &Arc<SessionInfo>,
+        statement: &StatementRecord,
+        decision: &Arc<crate::policy::Decision>,
+        outcome: &Outcome,
+        lines: &mut StatementLines,
+    ) {
+        let body = RecordBody::Statement {
+            statement: statement.clone(),
+            decision: DecisionRecord(decision.as_ref().clone()),
+            outcome: outcome.clone(),
         };
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.jsonl");
         let sink = AuditSink::open(&AuditTarget::File(path.clone()), 1 << 20).unwrap();
-        let session = Arc::new(SessionInfo::process("db:5432"));
         assert!(sink
-            .try_emit_statement(&session, statement.as_ref(), &decision.0, outcome)
+            .try_emit_statement(session, statement, decision, outcome, lines)
             .unwrap());
-        let record = Record::new("statement", Arc::clone(&session), body.clone());
+        let record = Record::new("statement", Arc::clone(session), body);
         assert!(sink.try_emit(&record).unwrap());
         tokio::runtime::Builder::new_current_thread()
             .build()
@@ -497,14 +624,14 @@ mod tests {
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
             .collect();
-        let [mut borrowed, mut whole] = <[_; 2]>::try_from(lines).unwrap();
-        assert_eq!((&borrowed["seq"], &whole["seq"]), (&1.into(), &2.into()));
-        for line in [&mut borrowed, &mut whole] {
+        let [mut relayed, mut whole] = <[_; 2]>::try_from(lines).unwrap();
+        assert_eq!((&relayed["seq"], &whole["seq"]), (&1.into(), &2.into()));
+        for line in [&mut relayed, &mut whole] {
             let fields = line.as_object_mut().unwrap();
             fields.remove("seq");
             fields.remove("ts");
         }
-        assert_eq!(borrowed, whole);
+        assert_eq!(relayed, whole);
     }
 
     #[test]
@@ -529,34 +656,128 @@ mod tests {
             },
         ];
         let decisions = [
-            crate::policy::Decision::unparseable(),
-            crate::policy::Decision::unknown_statement("the statement \"ä\\\n\""),
+            Arc::new(crate::policy::Decision::unparseable()),
+            Arc::new(crate::policy::Decision::unknown_statement(
+                "the statement \"ä\\\n\"",
+            )),
         ];
+        let session = Arc::new(SessionInfo::process("db:5432"));
+        let mut lines = StatementLines::default();
         let cases = [(0, None), (1, Some(Arc::from("p\"1"))), (5, None)];
         for (index, prepared) in cases {
             for outcome in &outcomes {
                 for decision in &decisions {
-                    // Twice: the decision's serialisation is cached after the first.
+                    // Twice: the decision's serialisation and the line's
+                    // middle are reused after the first.
                     for _ in 0..2 {
+                        let statement = StatementRecord {
+                            protocol: "simple",
+                            analysis: Arc::clone(&analysis),
+                            index,
+                            bytes: 77,
+                            prepared: prepared.clone(),
+                        };
+                        assert_relay_line_is_the_same(
+                            &session, &statement, decision, outcome, &mut lines,
+                        );
                         let body = RecordBody::Statement {
-                            statement: StatementRecord {
-                                protocol: "simple",
-                                analysis: Arc::clone(&analysis),
-                                index,
-                                bytes: 77,
-                                prepared: prepared.clone(),
-                            },
-                            decision: DecisionRecord(decision.clone()),
+                            statement,
+                            decision: DecisionRecord(decision.as_ref().clone()),
                             outcome: outcome.clone(),
                         };
                         let generic = serde_json::to_value(&body).unwrap();
-                        assert_borrowed_line_is_the_same(body.clone());
                         let v = line(body);
                         for key in ["statement", "decision", "outcome"] {
                             assert_eq!(v[key], generic[key], "{key} of statement {index}");
                         }
                     }
                 }
+            }
+        }
+    }
+
+    /// The relay reuses the middle of a session's last statement line; a
+    /// line that differs from the last in any one part of that middle must
+    /// still come out whole and right.
+    #[test]
+    fn reused_line_parts_follow_every_change() {
+        let analysis = Arc::new(crate::sql::analyze("SELECT 1; SHOW search_path"));
+        let same_text = Arc::new(crate::sql::analyze("SELECT 1; SHOW search_path"));
+        let session = Arc::new(SessionInfo::process("db:5432"));
+        let decision = Arc::new(crate::policy::Decision::unparseable());
+        let base = StatementRecord {
+            protocol: "simple",
+            analysis: Arc::clone(&analysis),
+            index: 0,
+            bytes: 8,
+            prepared: None,
+        };
+        let mut other_session = SessionInfo::process("db:5432");
+        other_session.session = "another".into();
+        let variants: Vec<(
+            StatementRecord,
+            Arc<SessionInfo>,
+            Arc<crate::policy::Decision>,
+        )> = vec![
+            (base.clone(), Arc::new(other_session), Arc::clone(&decision)),
+            (
+                base.clone(),
+                Arc::clone(&session),
+                Arc::new(crate::policy::Decision::function_call()),
+            ),
+            (
+                StatementRecord {
+                    index: 1,
+                    ..base.clone()
+                },
+                Arc::clone(&session),
+                Arc::clone(&decision),
+            ),
+            (
+                StatementRecord {
+                    bytes: 9,
+                    ..base.clone()
+                },
+                Arc::clone(&session),
+                Arc::clone(&decision),
+            ),
+            (
+                StatementRecord {
+                    protocol: "extended",
+                    ..base.clone()
+                },
+                Arc::clone(&session),
+                Arc::clone(&decision),
+            ),
+            (
+                StatementRecord {
+                    prepared: Some(Arc::from("s1")),
+                    ..base.clone()
+                },
+                Arc::clone(&session),
+                Arc::clone(&decision),
+            ),
+            // Equal facts from another analysis: reused or not, the same line.
+            (
+                StatementRecord {
+                    analysis: same_text,
+                    ..base.clone()
+                },
+                Arc::clone(&session),
+                Arc::clone(&decision),
+            ),
+        ];
+        let outcome = Outcome {
+            status: "ok",
+            ..Outcome::default()
+        };
+        let mut lines = StatementLines::default();
+        for (statement, session_now, decision_now) in &variants {
+            for (s, who, d) in [
+                (&base, &session, &decision),
+                (statement, session_now, decision_now),
+            ] {
+                assert_relay_line_is_the_same(who, s, d, &outcome, &mut lines);
             }
         }
     }

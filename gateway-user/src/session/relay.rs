@@ -13,7 +13,9 @@ use super::names::{ByName, Fast, Named};
 use super::stream::{fill, ReadError};
 use super::tracker::{Completed, Expect, PendingStatement, Statements, Tracker, Verdict};
 use super::Shared;
-use crate::audit::{DecisionRecord, Record, RecordBody, SessionInfo, StatementRecord};
+use crate::audit::{
+    DecisionRecord, Record, RecordBody, SessionInfo, StatementLines, StatementRecord,
+};
 use crate::mask::plan::RowSource;
 use crate::policy::masking::MaskSet;
 use crate::policy::{self, Decision, Policy, PolicyStore, Who};
@@ -157,6 +159,8 @@ pub struct Relay {
     pub info: Arc<SessionInfo>,
     tracker: Mutex<Tracker>,
     statements_audited: std::sync::atomic::AtomicU64,
+    /// The part of its statement lines the audit can reuse.
+    lines: Mutex<StatementLines>,
     /// The session's masking rules under the policy in force.
     mask: Mutex<Arc<MaskSet>>,
     /// Woken, once shutdown has begun, after each batch the backend
@@ -171,6 +175,7 @@ impl Relay {
             info,
             tracker: Mutex::new(Tracker::default()),
             statements_audited: Default::default(),
+            lines: Mutex::default(),
             mask: Mutex::new(Arc::new(MaskSet::default())),
             rest: tokio::sync::Notify::new(),
         }
@@ -235,7 +240,11 @@ impl Relay {
     /// Audits completed statements without waiting; false when the audit
     /// buffer is full, with the statements not yet audited left in `done`.
     pub(super) fn try_emit(&self, done: &mut Vec<Completed>) -> Result<bool, End> {
+        if done.is_empty() {
+            return Ok(true);
+        }
         let mut sent = 0;
+        let mut lines = self.lines.lock().unwrap_or_else(|p| p.into_inner());
         let all = loop {
             let Some(c) = done.get(sent) else {
                 break Ok(true);
@@ -243,9 +252,10 @@ impl Relay {
             let s = &c.statement;
             match self.shared.audit.try_emit_statement(
                 &self.info,
-                s.statement.as_ref(),
+                &s.statement,
                 &s.decision,
                 &c.outcome,
+                &mut lines,
             ) {
                 Ok(true) => {
                     self.account(c);

@@ -119,8 +119,12 @@ pub struct AuditSink {
 const FLUSH_EVERY: Duration = Duration::from_millis(100);
 const RETRY_EVERY: Duration = Duration::from_millis(500);
 /// While records keep coming, the writer polls at this interval instead of
-/// being woken for each one: one wake-up and one write per batch.
-const BATCH_WINDOW: Duration = Duration::from_millis(5);
+/// being woken for each one: one wake-up and one write per batch. Each
+/// write of a file costs the kernel a fixed part besides the copy, so
+/// fewer, larger writes cost less: at 25 ms rather than 5 the writer's
+/// system time per statement was about halved (0.5-0.6 us against 1.0-1.2
+/// on the bench's select-only load), well inside the 100 ms flush bound.
+const BATCH_WINDOW: Duration = Duration::from_millis(25);
 
 impl AuditSink {
     /// `max_pending`: serialised bytes that may wait for the writer before
@@ -194,7 +198,9 @@ impl AuditSink {
                 counted = true;
                 self.inner.note_held_back();
             }
-            self.wake_writer();
+            // Whether idle or letting a batch gather, the writer is needed now.
+            self.inner.writer_idle.store(false, Ordering::Release);
+            self.inner.wake.notify_one();
             room.await;
         }
     }
@@ -556,7 +562,14 @@ fn run_writer(out: Box<dyn Write + Send>, inner: Arc<Inner>) {
             let _ = f.send(());
         }
         if had {
-            std::thread::sleep(BATCH_WINDOW);
+            // Lets the next batch gather. A session held back by a full
+            // buffer, or a flush, ends the wait early: the buffer is
+            // checked under the lock the sessions fill it under, so a
+            // wake-up cannot fall between the check and the wait.
+            let p = inner.pending.lock().unwrap_or_else(|p| p.into_inner());
+            if p.bytes.len() < inner.max_pending && p.flushes.is_empty() {
+                drop(inner.wake.wait_timeout(p, BATCH_WINDOW));
+            }
         }
         if Arc::strong_count(&inner) == 1 {
             // Every sink is gone: write what is left and stop.

@@ -222,12 +222,14 @@ impl Outcome {
     pub fn write_json(&self, out: &mut Vec<u8>) -> serde_json::Result<()> {
         out.extend_from_slice(b"{\"status\":");
         push_json_name(out, self.status);
-        out.extend_from_slice(b",\"sqlstate\":");
         match &self.sqlstate {
-            Some(code) => push_json_str(out, code)?,
-            None => out.extend_from_slice(b"null"),
+            Some(code) => {
+                out.extend_from_slice(b",\"sqlstate\":");
+                push_json_str(out, code)?;
+                out.extend_from_slice(b",\"rows\":");
+            }
+            None => out.extend_from_slice(b",\"sqlstate\":null,\"rows\":"),
         }
-        out.extend_from_slice(b",\"rows\":");
         match self.rows {
             Some(n) => out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes()),
             None => out.extend_from_slice(b"null"),

@@ -12,7 +12,6 @@ use super::record::{
     decision_json, push_json_name, push_json_str, Outcome, Record, RecordBody, SessionInfo,
     Stamper, StatementRecord, StatementRef,
 };
-use super::SCHEMA_VERSION;
 use crate::policy::Decision;
 
 /// Where audit lines go.
@@ -330,11 +329,12 @@ fn head(
     event_and_session(out, event, session);
 }
 
+/// Every line's first bytes, the schema version written out once.
+const OPENING: &str = "{\"v\":1,\"ts\":\"";
+
 /// `{"v":..,"ts":..,"seq":..`: what differs on every line.
 fn opening(out: &mut Vec<u8>, seq: u64, stamper: &mut Stamper, ts: std::time::SystemTime) {
-    out.extend_from_slice(b"{\"v\":");
-    out.extend_from_slice(itoa::Buffer::new().format(SCHEMA_VERSION).as_bytes());
-    out.extend_from_slice(b",\"ts\":\"");
+    out.extend_from_slice(OPENING.as_bytes());
     stamper.push(out, ts);
     out.extend_from_slice(b"\",\"seq\":");
     out.extend_from_slice(itoa::Buffer::new().format(seq).as_bytes());
@@ -586,7 +586,7 @@ fn run_writer(out: Box<dyn Write + Send>, inner: Arc<Inner>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::audit::{DecisionRecord, SessionInfo, StatementRecord};
+    use crate::audit::{DecisionRecord, SessionInfo, StatementRecord, SCHEMA_VERSION};
 
     fn line(body: RecordBody) -> serde_json::Value {
         let r = Record::new(
@@ -793,6 +793,11 @@ mod tests {
                 assert_relay_line_is_the_same(who, s, d, &outcome, &mut lines);
             }
         }
+    }
+
+    #[test]
+    fn lines_open_with_the_schema_version() {
+        assert_eq!(OPENING, format!("{{\"v\":{SCHEMA_VERSION},\"ts\":\""));
     }
 
     #[test]

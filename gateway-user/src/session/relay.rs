@@ -349,6 +349,11 @@ impl Relay {
         done: &mut Vec<Completed>,
     ) -> Result<bool, End> {
         let mut terminate = false;
+        // A reloaded policy applies from the next batch of messages on: one
+        // look per batch rather than per message.
+        if state.judge.refresh(&self.shared.policy) {
+            *self.mask.lock().unwrap_or_else(|p| p.into_inner()) = Arc::clone(&state.judge.mask);
+        }
         // Bytes at the front of `buf` judged and going upstream as they are.
         let mut kept = 0;
         while let Some(total) = splitter.peek(&buf[kept..])? {
@@ -390,15 +395,12 @@ impl Relay {
     ) -> Result<Pass, End> {
         let body = frame.body();
         let healthy = self.shared.audit.is_healthy();
-        if state.judge.refresh(&self.shared.policy) {
-            *self.mask.lock().unwrap_or_else(|p| p.into_inner()) = Arc::clone(&state.judge.mask);
-        }
         let expect = match frame.tag() {
             fe::QUERY => {
                 let text = fe::decode_query(body)?;
                 let analysis = self.shared.cache.analyze(text);
                 let decision = if healthy {
-                    state.judge.decide(&self.shared.policy, &analysis)
+                    state.judge.decide(&analysis)
                 } else {
                     Arc::new(Decision::audit_unavailable())
                 };
@@ -431,7 +433,7 @@ impl Relay {
                 let parse = fe::decode_parse(body)?;
                 let analysis = self.shared.cache.analyze(parse.query);
                 let decision = if healthy {
-                    state.judge.decide(&self.shared.policy, &analysis)
+                    state.judge.decide(&analysis)
                 } else {
                     Arc::new(Decision::audit_unavailable())
                 };
@@ -922,8 +924,8 @@ impl Judge {
         true
     }
 
-    fn decide(&mut self, store: &PolicyStore, analysis: &Arc<Analysis>) -> Arc<Decision> {
-        self.refresh(store);
+    /// The decision under the policy last picked up by `refresh`.
+    fn decide(&mut self, analysis: &Arc<Analysis>) -> Arc<Decision> {
         let key = Arc::as_ptr(analysis) as usize;
         if let Some((_, d)) = self.cache.get(&key) {
             return Arc::clone(d);

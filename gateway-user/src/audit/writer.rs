@@ -226,18 +226,10 @@ impl AuditSink {
         self.try_append(|out, seq, stamper| {
             let start = out.len();
             opening(out, seq, stamper, ts);
-            // Serialising into a Vec cannot fail; if it somehow did, no
-            // half-made line goes out.
-            if lines
+            let written = lines
                 .push(out, session, statement, decision)
-                .and_then(|()| outcome.write_json(out))
-                .is_err()
-            {
-                out.truncate(start);
-                tracing::error!("audit record could not be serialised");
-                return;
-            }
-            out.extend_from_slice(b"}\n");
+                .and_then(|()| outcome.write_json(out));
+            end_statement_line(out, start, written);
         })
     }
 
@@ -352,8 +344,7 @@ fn event_and_session(out: &mut Vec<u8>, event: &'static str, session: &SessionIn
 }
 
 /// The rest of a statement's line (the common record: its audited facts
-/// were serialised once, when first audited); a line that cannot be
-/// finished is taken back from `start`.
+/// were serialised once, when first audited).
 fn finish_statement(
     out: &mut Vec<u8>,
     start: usize,
@@ -361,10 +352,15 @@ fn finish_statement(
     decision: &Decision,
     outcome: &Outcome,
 ) {
-    if statement_members(out, statement, decision)
-        .and_then(|()| outcome.write_json(out))
-        .is_err()
-    {
+    let written =
+        statement_members(out, statement, decision).and_then(|()| outcome.write_json(out));
+    end_statement_line(out, start, written);
+}
+
+/// Closes a statement's line. Serialising into a Vec cannot fail; if it
+/// somehow did, the half-made line is taken back from `start`.
+fn end_statement_line(out: &mut Vec<u8>, start: usize, written: serde_json::Result<()>) {
+    if written.is_err() {
         out.truncate(start);
         tracing::error!("audit record could not be serialised");
         return;

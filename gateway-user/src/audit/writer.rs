@@ -184,6 +184,13 @@ impl AuditSink {
         }
     }
 
+    /// Wakes the writer whether idle or letting a batch gather: a flush, or
+    /// a session held back by a full buffer, needs it now.
+    fn hurry_writer(&self) {
+        self.inner.writer_idle.store(false, Ordering::Release);
+        self.inner.wake.notify_one();
+    }
+
     /// Numbers and appends a record, waiting for room when the writer is
     /// behind (a full buffer slows sessions down; it never drops a record).
     pub async fn emit(&self, record: Record) -> Result<(), AuditError> {
@@ -197,9 +204,7 @@ impl AuditSink {
                 counted = true;
                 self.inner.note_held_back();
             }
-            // Whether idle or letting a batch gather, the writer is needed now.
-            self.inner.writer_idle.store(false, Ordering::Release);
-            self.inner.wake.notify_one();
+            self.hurry_writer();
             room.await;
         }
     }
@@ -270,8 +275,7 @@ impl AuditSink {
             }
             p.flushes.push(tx);
         }
-        self.inner.writer_idle.store(false, Ordering::Release);
-        self.inner.wake.notify_one();
+        self.hurry_writer();
         rx.await.map_err(|_| AuditError::Stopped)
     }
 }

@@ -17,7 +17,6 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::io::Read;
 use std::net::TcpStream;
 use std::os::fd::AsRawFd;
 use std::pin::Pin;
@@ -32,6 +31,7 @@ use tokio::sync::oneshot;
 use super::masking::ResultMasker;
 use super::names::Fast;
 use super::relay::{End, FrontendState, Outbox, Relay};
+use super::socket;
 use super::stream::READ_CHUNK;
 use super::tracker::Completed;
 use crate::policy::masking::MaskSet;
@@ -399,7 +399,7 @@ impl Side {
             return Ok(true);
         }
         loop {
-            return match (&self.sock).read(scratch) {
+            return match socket::recv(&self.sock, scratch) {
                 Ok(0) => Err(None),
                 Ok(n) => {
                     // A short read took all there was: a later arrival
@@ -425,7 +425,7 @@ impl Side {
         if self.out.is_empty() {
             return Ok(true);
         }
-        self.out.send_now(&mut &self.sock)
+        self.out.send_now(&mut socket::Sender(&self.sock))
     }
 }
 

@@ -11,6 +11,7 @@ mod masking;
 mod names;
 mod relay;
 mod scram;
+mod socket;
 mod stream;
 pub mod tls;
 mod tracker;

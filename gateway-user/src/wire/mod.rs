@@ -26,6 +26,9 @@ pub enum DecodeError {
     Invalid { tag: char, what: &'static str },
 }
 
+/// Strings up to this long (with their NUL) are found byte by byte.
+const SHORT_CSTR: usize = 8;
+
 /// A cursor over one message body that knows which message it reads, so
 /// every error names the message.
 pub(crate) struct Cursor<'a> {
@@ -46,9 +49,14 @@ impl<'a> Cursor<'a> {
     }
 
     pub(crate) fn cstr_bytes(&mut self) -> Result<&'a [u8], DecodeError> {
-        // Every statement's text is scanned here: a word at a time, not a
-        // byte at a time.
-        let nul = memchr::memchr(0, self.buf).ok_or_else(|| self.truncated())?;
+        // Names (the unnamed "" above all) are short: a look at their few
+        // bytes costs less than setting up the vector search. Every
+        // statement's text is scanned with it: a word at a time.
+        let head = &self.buf[..self.buf.len().min(SHORT_CSTR)];
+        let nul = match head.iter().position(|b| *b == 0) {
+            Some(nul) => nul,
+            None => memchr::memchr(0, self.buf).ok_or_else(|| self.truncated())?,
+        };
         let (s, rest) = self.buf.split_at(nul);
         self.buf = &rest[1..];
         Ok(s)
@@ -103,6 +111,29 @@ impl<'a> Cursor<'a> {
                 tag: self.tag,
                 extra: self.buf.len(),
             })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Strings on both sides of the byte-by-byte look, and ones with no end.
+    #[test]
+    fn strings_end_at_their_nul_whatever_their_length() {
+        for len in [0, 1, SHORT_CSTR - 1, SHORT_CSTR, SHORT_CSTR + 1, 100] {
+            let text = "x".repeat(len);
+            let mut body = text.clone().into_bytes();
+            body.extend_from_slice(b"\0y\0");
+            let mut c = Cursor::new(b'P', &body);
+            assert_eq!(c.cstr(), Ok(text.as_str()), "length {len}");
+            assert_eq!(c.cstr(), Ok("y"), "after a string of length {len}");
+            assert_eq!(c.cstr(), Err(DecodeError::Truncated { tag: 'P' }));
+
+            let unterminated = "x".repeat(len).into_bytes();
+            let mut c = Cursor::new(b'P', &unterminated);
+            assert_eq!(c.cstr(), Err(DecodeError::Truncated { tag: 'P' }));
         }
     }
 }

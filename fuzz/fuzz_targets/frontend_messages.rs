@@ -7,8 +7,8 @@ use libfuzzer_sys::fuzz_target;
 use agentgate::wire::{backend, frontend, startup};
 
 fuzz_target!(|data: &[u8]| {
-    let _ = frontend::decode_query(data);
-    let _ = frontend::decode_parse(data);
+    let _ = frontend::decode_query(data).and_then(|t| t.check());
+    let _ = frontend::decode_parse(data).and_then(|p| p.query.check());
     let _ = frontend::decode_bind(data);
     let _ = frontend::decode_execute(data);
     let _ = frontend::decode_target(frontend::DESCRIBE, data);
@@ -17,7 +17,7 @@ fuzz_target!(|data: &[u8]| {
     let _ = startup::decode(data);
     let _ = backend::decode_error_fields(backend::ERROR_RESPONSE, data);
     let _ = backend::decode_command_complete(data);
-    if let Ok(text) = frontend::decode_query(data) {
+    if let Ok(text) = frontend::decode_query(data).and_then(|t| t.check()) {
         let _ = agentgate::sql::analyze(text);
     }
 });

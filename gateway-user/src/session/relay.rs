@@ -386,6 +386,29 @@ impl Relay {
         Ok(terminate)
     }
 
+    /// The analysis of a statement text off the wire and the decision on
+    /// it. A text the cache knows by its bytes is not checked for UTF-8
+    /// again; an unknown one must be UTF-8, or the message is malformed.
+    fn judge_text(
+        &self,
+        text: fe::SqlText<'_>,
+        judge: &mut Judge,
+        healthy: bool,
+    ) -> Result<(Arc<Analysis>, Arc<Decision>), End> {
+        let cache = &self.shared.cache;
+        let analysis = match cache.known(text.bytes()) {
+            Some(known) => known,
+            None => cache.analyze_unknown(text.check()?),
+        };
+        let decision = if healthy {
+            judge.decide(&analysis)
+        } else {
+            Arc::new(Decision::audit_unavailable())
+        };
+        let decision = self.deny_computed(decision, judge, &analysis);
+        Ok((analysis, decision))
+    }
+
     /// Judges one client message and says what goes upstream in its place.
     fn judge(
         &self,
@@ -398,13 +421,7 @@ impl Relay {
         let expect = match frame.tag() {
             fe::QUERY => {
                 let text = fe::decode_query(body)?;
-                let analysis = self.shared.cache.analyze(text);
-                let decision = if healthy {
-                    state.judge.decide(&analysis)
-                } else {
-                    Arc::new(Decision::audit_unavailable())
-                };
-                let decision = self.deny_computed(decision, &state.judge, &analysis);
+                let (analysis, decision) = self.judge_text(text, &mut state.judge, healthy)?;
                 if !decision.lets_through() {
                     let pending = pending_statements(
                         "simple",
@@ -431,13 +448,8 @@ impl Relay {
             }
             fe::PARSE => {
                 let parse = fe::decode_parse(body)?;
-                let analysis = self.shared.cache.analyze(parse.query);
-                let decision = if healthy {
-                    state.judge.decide(&analysis)
-                } else {
-                    Arc::new(Decision::audit_unavailable())
-                };
-                let decision = self.deny_computed(decision, &state.judge, &analysis);
+                let (analysis, decision) =
+                    self.judge_text(parse.query, &mut state.judge, healthy)?;
                 if !decision.lets_through() {
                     // PostgreSQL forgets the unnamed statement at any Parse.
                     if parse.statement.is_empty() {

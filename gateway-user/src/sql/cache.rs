@@ -17,17 +17,19 @@ pub struct AnalysisCache {
     capacity: usize,
 }
 
-/// Keys are the client's text, hashed on every statement: a fast hasher
-/// (foldhash) rather than SipHash, since the gateway's own bounded cache
-/// is cleared when full and cannot be flooded into slowness.
-type Map<K> = HashMap<Box<K>, Arc<Analysis>, foldhash::fast::RandomState>;
+/// Keys are the client's text (as bytes: a text off the wire is found
+/// before it is checked to be UTF-8), hashed on every statement: a fast
+/// hasher (foldhash) rather than SipHash, since the gateway's own bounded
+/// cache is cleared when full and cannot be flooded into slowness.
+type Map = HashMap<Box<[u8]>, Arc<Analysis>, foldhash::fast::RandomState>;
 
 #[derive(Default)]
 struct Maps {
     /// By exact text: texts without numbers, and analyses not shareable.
-    exact: Map<str>,
-    /// By shape (numbers replaced, kept as bytes), for shareable analyses.
-    shapes: Map<[u8]>,
+    /// Every key was a `str`, so bytes equal to one are UTF-8.
+    exact: Map,
+    /// By shape (numbers replaced), for shareable analyses.
+    shapes: Map,
 }
 
 enum ByShape {
@@ -56,11 +58,20 @@ impl AnalysisCache {
     }
 
     pub fn analyze(&self, text: &str) -> Arc<Analysis> {
-        // The exact text first: a text with no number in it (parameters,
-        // prepared statements) is found without scanning it for one.
-        if let Some(hit) = self.lock().exact.get(text) {
-            return Arc::clone(hit);
-        }
+        self.known(text.as_bytes())
+            .unwrap_or_else(|| self.analyze_unknown(text))
+    }
+
+    /// The analysis of exactly this text, when cached. Looked at first: a
+    /// text with no number in it (parameters, prepared statements) is found
+    /// without scanning it for one. Bytes found here are UTF-8, since every
+    /// key was a `str`.
+    pub fn known(&self, text: &[u8]) -> Option<Arc<Analysis>> {
+        self.lock().exact.get(text).map(Arc::clone)
+    }
+
+    /// `analyze` for a text `known` did not find.
+    pub fn analyze_unknown(&self, text: &str) -> Arc<Analysis> {
         let shaped = match SHAPE.with_borrow_mut(|buf| self.by_shape(text, buf)) {
             ByShape::Hit(hit) => return hit,
             ByShape::Miss(key) => Some(key),
@@ -79,7 +90,8 @@ impl AnalysisCache {
                 maps.shapes.insert(key, Arc::clone(&analysis));
             }
             _ => {
-                maps.exact.insert(Box::from(text), Arc::clone(&analysis));
+                maps.exact
+                    .insert(Box::from(text.as_bytes()), Arc::clone(&analysis));
             }
         }
         analysis

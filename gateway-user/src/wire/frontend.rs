@@ -21,25 +21,59 @@ pub const COPY_DONE: u8 = b'c';
 pub const COPY_FAIL: u8 = b'f';
 pub const PASSWORD: u8 = b'p';
 
+/// A statement's text as the client sent it: framed, not yet checked to be
+/// UTF-8. The analysis cache knows a text it has seen by its bytes, and
+/// bytes equal to a text that was checked need no check of their own (the
+/// check is the largest part of decoding a Parse).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SqlText<'a> {
+    tag: u8,
+    bytes: &'a [u8],
+}
+
+impl<'a> SqlText<'a> {
+    pub fn bytes(&self) -> &'a [u8] {
+        self.bytes
+    }
+
+    pub fn len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+
+    /// The text, checked to be UTF-8.
+    pub fn check(&self) -> Result<&'a str, DecodeError> {
+        std::str::from_utf8(self.bytes).map_err(|_| DecodeError::InvalidUtf8 {
+            tag: self.tag as char,
+        })
+    }
+}
+
 /// A simple-protocol query: one string, possibly several statements.
-pub fn decode_query(body: &[u8]) -> Result<&str, DecodeError> {
+pub fn decode_query(body: &[u8]) -> Result<SqlText<'_>, DecodeError> {
     let mut c = Cursor::new(QUERY, body);
-    let text = c.cstr()?;
+    let bytes = c.cstr_bytes()?;
     c.finish()?;
-    Ok(text)
+    Ok(SqlText { tag: QUERY, bytes })
 }
 
 #[derive(Debug, PartialEq, Eq)]
 pub struct Parse<'a> {
     pub statement: &'a str,
-    pub query: &'a str,
+    pub query: SqlText<'a>,
     pub param_types: usize,
 }
 
 pub fn decode_parse(body: &[u8]) -> Result<Parse<'_>, DecodeError> {
     let mut c = Cursor::new(PARSE, body);
     let statement = c.cstr()?;
-    let query = c.cstr()?;
+    let query = SqlText {
+        tag: PARSE,
+        bytes: c.cstr_bytes()?,
+    };
     let n = c.count16("parameter type count")?;
     c.bytes(n * 4)?;
     c.finish()?;
@@ -223,7 +257,8 @@ mod tests {
 
     #[test]
     fn query_must_end_at_its_nul() {
-        assert_eq!(decode_query(b"SELECT 1\0"), Ok("SELECT 1"));
+        let check = |body: &'static [u8]| decode_query(body).and_then(|t| t.check());
+        assert_eq!(check(b"SELECT 1\0"), Ok("SELECT 1"));
         assert!(matches!(
             decode_query(b"SELECT 1\0DROP TABLE t\0"),
             Err(DecodeError::TrailingBytes { .. })
@@ -233,7 +268,7 @@ mod tests {
             Err(DecodeError::Truncated { .. })
         ));
         assert!(matches!(
-            decode_query(b"SELECT '\xff'\0"),
+            check(b"SELECT '\xff'\0"),
             Err(DecodeError::InvalidUtf8 { .. })
         ));
     }
@@ -262,8 +297,8 @@ mod tests {
     fn parse_and_execute_and_targets() {
         let p = decode_parse(b"s1\0SELECT $1\0\0\x01\0\0\0\x17").unwrap();
         assert_eq!(
-            (p.statement, p.query, p.param_types),
-            ("s1", "SELECT $1", 1)
+            (p.statement, p.query.check(), p.param_types),
+            ("s1", Ok("SELECT $1"), 1)
         );
         assert!(decode_parse(b"s1\0SELECT $1\0\0\x01\0\0").is_err());
         let e = decode_execute(b"\0\0\0\0\0").unwrap();

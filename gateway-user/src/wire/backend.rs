@@ -102,20 +102,20 @@ pub fn decode_authentication(body: &[u8]) -> Result<(i32, &[u8]), DecodeError> {
     Ok((code, c.rest()))
 }
 
-/// The command tag of a CommandComplete.
-pub fn decode_command_complete(body: &[u8]) -> Result<&str, DecodeError> {
+/// The command tag of a CommandComplete, as bytes: only its row count is
+/// read, so it is not checked to be UTF-8 (a check on every completion).
+pub fn decode_command_complete(body: &[u8]) -> Result<&[u8], DecodeError> {
     let mut c = Cursor::new(COMMAND_COMPLETE, body);
-    let tag = c.cstr()?;
+    let tag = c.cstr_bytes()?;
     c.finish()?;
     Ok(tag)
 }
 
 /// The row count a command tag reports, for the tags that carry one
 /// (`SELECT n`, `INSERT 0 n`, `UPDATE n`, `COPY n`, ...).
-pub fn rows_in_tag(tag: &str) -> Option<u64> {
+pub fn rows_in_tag(tag: &[u8]) -> Option<u64> {
     // Bytes, not `str` searching and parsing: every statement's completion
     // comes through here.
-    let tag = tag.as_bytes();
     let verb = &tag[..tag.iter().position(|&b| b == b' ')?];
     if !matches!(
         verb,
@@ -154,17 +154,17 @@ mod tests {
 
     #[test]
     fn row_counts_from_tags() {
-        assert_eq!(rows_in_tag("SELECT 3"), Some(3));
-        assert_eq!(rows_in_tag("INSERT 0 7"), Some(7));
-        assert_eq!(rows_in_tag("CREATE TABLE"), None);
-        assert_eq!(rows_in_tag("BEGIN"), None);
-        assert_eq!(rows_in_tag("COPY 18446744073709551615"), Some(u64::MAX));
-        assert_eq!(rows_in_tag("COPY 18446744073709551616"), None);
-        assert_eq!(rows_in_tag("SELECT "), None);
-        assert_eq!(rows_in_tag("SELECT -1"), None);
-        assert_eq!(rows_in_tag("SELECT 1x"), None);
-        assert_eq!(rows_in_tag("select 1"), None);
-        assert_eq!(rows_in_tag("MOVE 0"), Some(0));
-        assert_eq!(rows_in_tag(""), None);
+        assert_eq!(rows_in_tag(b"SELECT 3"), Some(3));
+        assert_eq!(rows_in_tag(b"INSERT 0 7"), Some(7));
+        assert_eq!(rows_in_tag(b"CREATE TABLE"), None);
+        assert_eq!(rows_in_tag(b"BEGIN"), None);
+        assert_eq!(rows_in_tag(b"COPY 18446744073709551615"), Some(u64::MAX));
+        assert_eq!(rows_in_tag(b"COPY 18446744073709551616"), None);
+        assert_eq!(rows_in_tag(b"SELECT "), None);
+        assert_eq!(rows_in_tag(b"SELECT -1"), None);
+        assert_eq!(rows_in_tag(b"SELECT 1x"), None);
+        assert_eq!(rows_in_tag(b"select 1"), None);
+        assert_eq!(rows_in_tag(b"MOVE 0"), Some(0));
+        assert_eq!(rows_in_tag(b""), None);
     }
 }

@@ -27,7 +27,7 @@ pub enum DecodeError {
 }
 
 /// Strings up to this long (with their NUL) are found byte by byte.
-const SHORT_CSTR: usize = 8;
+const SHORT_CSTR: usize = 16;
 
 /// A cursor over one message body that knows which message it reads, so
 /// every error names the message.
@@ -49,8 +49,9 @@ impl<'a> Cursor<'a> {
     }
 
     pub(crate) fn cstr_bytes(&mut self) -> Result<&'a [u8], DecodeError> {
-        // Names (the unnamed "" above all) are short: a look at their few
-        // bytes costs less than setting up the vector search. Every
+        // Names (the unnamed "" above all) and command tags are short: a
+        // look at their few bytes costs less than setting up the vector
+        // search. Every
         // statement's text is scanned with it: a word at a time.
         let head = &self.buf[..self.buf.len().min(SHORT_CSTR)];
         let nul = match head.iter().position(|b| *b == 0) {

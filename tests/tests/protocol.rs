@@ -103,10 +103,22 @@ fn malformed_and_oversized_frames_close_only_that_connection() {
     assert_eq!(raw::error_code(&body), "08P01");
     assert!(c.read().is_none(), "connection must close");
 
-    // Invalid UTF-8.
+    // Invalid UTF-8, in a Query and in a Parse (the Parse after a valid
+    // one: texts are looked up in the analysis cache before their check).
     let mut c = RawConn::connect(gw.port, "agent");
     c.send(&raw::msg(b'Q', b"SELECT '\xff'\0"));
-    assert_eq!(c.read().map(|m| m.0), Some(b'E'));
+    let (tag, body) = c.read().expect("an error response");
+    assert_eq!((tag, raw::error_code(&body).as_str()), (b'E', "08P01"));
+    assert!(c.read().is_none(), "connection must close");
+    let mut c = RawConn::connect(gw.port, "agent");
+    c.send(&raw::msg(b'P', b"\0SELECT 'a'\0\0\0"));
+    c.send(&raw::msg(b'S', b""));
+    assert_eq!(tags(&c.until_ready()), "1Z");
+    c.send(&raw::msg(b'P', b"\0SELECT '\xff'\0\0\0"));
+    c.send(&raw::msg(b'S', b""));
+    let (tag, body) = c.read().expect("an error response");
+    assert_eq!((tag, raw::error_code(&body).as_str()), (b'E', "08P01"));
+    assert!(c.read().is_none(), "connection must close");
 
     // Longer than the cap: refused from the header alone.
     let mut c = RawConn::connect(gw.port, "agent");

@@ -130,6 +130,18 @@ impl AnalysisCache {
 mod tests {
     use super::*;
 
+    /// Only bytes equal to a text analysed before are known: they need no
+    /// UTF-8 check of their own.
+    #[test]
+    fn known_texts_are_found_by_their_exact_bytes() {
+        let c = AnalysisCache::new(16);
+        assert!(c.known(b"SELECT $1").is_none());
+        let a = c.analyze("SELECT $1");
+        assert!(c.known(b"SELECT $1").is_some_and(|k| Arc::ptr_eq(&k, &a)));
+        assert!(c.known(b"SELECT $1\xff").is_none());
+        assert!(c.known(b"SELECT $").is_none());
+    }
+
     #[test]
     fn numbers_share_an_analysis_strings_and_options_do_not() {
         let c = AnalysisCache::new(100);

@@ -76,6 +76,20 @@ impl From<DecodeError> for End {
     }
 }
 
+/// Where the messages of a client batch are put on record as they are
+/// judged: the tracker, locked once for the batch rather than once per
+/// message, and the statements completed meanwhile.
+struct Ledger<'a> {
+    tracker: std::sync::MutexGuard<'a, Tracker>,
+    done: &'a mut Vec<Completed>,
+}
+
+impl Ledger<'_> {
+    fn push(&mut self, expect: Expect) {
+        self.tracker.push(expect, self.done);
+    }
+}
+
 /// A prepared statement or portal the gateway has judged.
 #[derive(Debug)]
 struct Prepared {
@@ -354,12 +368,16 @@ impl Relay {
         if state.judge.refresh(&self.shared.policy) {
             *self.mask.lock().unwrap_or_else(|p| p.into_inner()) = Arc::clone(&state.judge.mask);
         }
+        let mut ledger = Ledger {
+            tracker: self.tracker(),
+            done,
+        };
         // Bytes at the front of `buf` judged and going upstream as they are.
         let mut kept = 0;
         while let Some(total) = splitter.peek(&buf[kept..])? {
             let frame = FrameRef::new(&buf[kept..kept + total]);
             terminate = frame.tag() == fe::TERMINATE;
-            let pass = self.judge(frame, state, done)?;
+            let pass = self.judge(frame, state, &mut ledger)?;
             match (pass, state.inject.take()) {
                 (Pass::Forward, None) => kept += total,
                 (pass, inject) => {
@@ -414,7 +432,7 @@ impl Relay {
         &self,
         frame: FrameRef<'_>,
         state: &mut FrontendState,
-        done: &mut Vec<Completed>,
+        ledger: &mut Ledger<'_>,
     ) -> Result<Pass, End> {
         let body = frame.body();
         let healthy = self.shared.audit.is_healthy();
@@ -431,7 +449,7 @@ impl Relay {
                         &decision,
                         no_rows,
                     );
-                    return Ok(Pass::Replace(self.deny_simple(pending, &decision, done)));
+                    return Ok(Pass::Replace(self.deny_simple(pending, &decision, ledger)));
                 }
                 // Row sources matter only to masking.
                 let masking = !state.judge.mask.is_empty();
@@ -463,7 +481,9 @@ impl Relay {
                         &decision,
                         no_rows,
                     );
-                    return Ok(Pass::Replace(self.deny_extended(pending, &decision, done)));
+                    return Ok(Pass::Replace(
+                        self.deny_extended(pending, &decision, ledger),
+                    ));
                 }
                 state.track_sql_prepares(&analysis, parse.query.len(), &decision);
                 // Drivers re-parse the unnamed statement with the same text
@@ -512,7 +532,7 @@ impl Relay {
                         return Ok(Pass::Replace(self.deny_extended(
                             Statements::new(),
                             &decision,
-                            done,
+                            ledger,
                         )));
                     }
                 }
@@ -525,14 +545,16 @@ impl Relay {
                     return Ok(Pass::Replace(self.deny_extended(
                         Statements::new(),
                         &decision,
-                        done,
+                        ledger,
                     )));
                 };
                 if !healthy {
                     let decision = Arc::new(Decision::audit_unavailable());
                     let pending =
                         smallvec::smallvec![pending_for(&p.prepared, &decision, RowSource::NoData)];
-                    return Ok(Pass::Replace(self.deny_extended(pending, &decision, done)));
+                    return Ok(Pass::Replace(
+                        self.deny_extended(pending, &decision, ledger),
+                    ));
                 }
                 let rows = state.rows_of_prepared(&p.prepared);
                 let prepared = Arc::clone(&p.prepared);
@@ -552,13 +574,10 @@ impl Relay {
                     && !state.described.contains(Target::Statement(&prepared.name))
                 {
                     state.inject = Some(fe::describe_portal(exec.portal));
-                    self.tracker().push(
-                        Expect::Describe {
-                            target: portal.into(),
-                            hidden: true,
-                        },
-                        done,
-                    );
+                    ledger.push(Expect::Describe {
+                        target: portal.into(),
+                        hidden: true,
+                    });
                     state.described.insert(portal, ());
                 }
                 Expect::Execute(pending)
@@ -619,7 +638,7 @@ impl Relay {
                     portal: None,
                     formats: fe::ResultFormats::default(),
                 }];
-                return Ok(Pass::Replace(self.deny_simple(pending, &decision, done)));
+                return Ok(Pass::Replace(self.deny_simple(pending, &decision, ledger)));
             }
             other => {
                 return Err(End::Malformed(format!(
@@ -628,7 +647,7 @@ impl Relay {
                 )))
             }
         };
-        self.tracker().push(expect, done);
+        ledger.push(expect);
         Ok(Pass::Forward)
     }
 
@@ -673,9 +692,9 @@ impl Relay {
         &self,
         statements: Statements,
         decision: &Decision,
-        done: &mut Vec<Completed>,
+        ledger: &mut Ledger<'_>,
     ) -> Frame {
-        self.deny(statements, decision, false, done);
+        self.deny(statements, decision, false, ledger);
         fe::query(DENIED_SQL)
     }
 
@@ -683,9 +702,9 @@ impl Relay {
         &self,
         statements: Statements,
         decision: &Decision,
-        done: &mut Vec<Completed>,
+        ledger: &mut Ledger<'_>,
     ) -> Frame {
-        self.deny(statements, decision, true, done);
+        self.deny(statements, decision, true, ledger);
         fe::parse(DENIED_STATEMENT, DENIED_SQL)
     }
 
@@ -694,7 +713,7 @@ impl Relay {
         statements: Statements,
         decision: &Decision,
         extended: bool,
-        done: &mut Vec<Completed>,
+        ledger: &mut Ledger<'_>,
     ) {
         tracing::info!(session = %self.info.session, rule = %decision.rule, "statement denied");
         let error = backend::error_response(
@@ -702,14 +721,11 @@ impl Relay {
             backend::INSUFFICIENT_PRIVILEGE,
             &decision.client_message(),
         );
-        self.tracker().push(
-            Expect::Denied {
-                statements,
-                error,
-                extended,
-            },
-            done,
-        );
+        ledger.push(Expect::Denied {
+            statements,
+            error,
+            extended,
+        });
     }
 
     /// Database to client.
@@ -783,6 +799,8 @@ impl Relay {
         let bad_frame = |e: FrameError| End::Io(format!("database sent a bad frame: {e}"));
         // Bytes at the front of `buf` going to the client as they are.
         let mut kept = 0;
+        // Locked at the first message it follows, then kept for the batch.
+        let mut tracker = None;
         while let Some(total) = splitter.peek(&buf[kept..]).map_err(bad_frame)? {
             let frame = FrameRef::new(&buf[kept..kept + total]);
             let tag = frame.tag();
@@ -790,8 +808,9 @@ impl Relay {
             if !mask.is_empty() {
                 if !planned && masker.needs_plan(tag) {
                     out.take_kept(buf, &mut kept);
+                    let tracker = tracker.get_or_insert_with(|| self.tracker());
                     return Ok(Some(ResultMasker::request(
-                        &self.tracker(),
+                        tracker,
                         FrameRef::new(&buf[..total]),
                     )));
                 }
@@ -803,13 +822,13 @@ impl Relay {
                 }
             }
             if masked.is_none() && !Tracker::follows(tag) {
-                // Rows and copy data: nothing to account for, so no lock.
+                // Rows and copy data: nothing to account for.
                 kept += total;
                 continue;
             }
             let before = done.len();
             let verdict = {
-                let mut tracker = self.tracker();
+                let tracker = tracker.get_or_insert_with(|| self.tracker());
                 let seen = masked.as_ref().map_or(frame, Frame::as_ref);
                 let v = tracker.on_backend(seen, done);
                 if ends_result(tag) {

@@ -179,7 +179,10 @@ impl AuditSink {
     }
 
     fn wake_writer(&self) {
-        if self.inner.writer_idle.swap(false, Ordering::AcqRel) {
+        // Looked at before the swap: the writer is nearly always busy
+        // gathering a batch, and a load is not a locked instruction.
+        let idle = &self.inner.writer_idle;
+        if idle.load(Ordering::Acquire) && idle.swap(false, Ordering::AcqRel) {
             self.inner.wake.notify_one();
         }
     }

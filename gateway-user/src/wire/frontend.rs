@@ -46,9 +46,7 @@ impl<'a> SqlText<'a> {
 
     /// The text, checked to be UTF-8.
     pub fn check(&self) -> Result<&'a str, DecodeError> {
-        std::str::from_utf8(self.bytes).map_err(|_| DecodeError::InvalidUtf8 {
-            tag: self.tag as char,
-        })
+        super::utf8(self.tag as char, self.bytes)
     }
 }
 

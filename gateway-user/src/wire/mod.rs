@@ -26,6 +26,11 @@ pub enum DecodeError {
     Invalid { tag: char, what: &'static str },
 }
 
+/// A string of message `tag`, checked to be UTF-8.
+pub(crate) fn utf8(tag: char, bytes: &[u8]) -> Result<&str, DecodeError> {
+    std::str::from_utf8(bytes).map_err(|_| DecodeError::InvalidUtf8 { tag })
+}
+
 /// Strings up to this long (with their NUL) are found byte by byte.
 const SHORT_CSTR: usize = 16;
 
@@ -51,12 +56,12 @@ impl<'a> Cursor<'a> {
     pub(crate) fn cstr_bytes(&mut self) -> Result<&'a [u8], DecodeError> {
         // Names (the unnamed "" above all) and command tags are short: a
         // look at their few bytes costs less than setting up the vector
-        // search. Every
-        // statement's text is scanned with it: a word at a time.
-        let head = &self.buf[..self.buf.len().min(SHORT_CSTR)];
-        let nul = match head.iter().position(|b| *b == 0) {
+        // search. Statement texts go on with it past those bytes, a word
+        // at a time.
+        let head = self.buf.len().min(SHORT_CSTR);
+        let nul = match self.buf[..head].iter().position(|b| *b == 0) {
             Some(nul) => nul,
-            None => memchr::memchr(0, self.buf).ok_or_else(|| self.truncated())?,
+            None => head + memchr::memchr(0, &self.buf[head..]).ok_or_else(|| self.truncated())?,
         };
         let (s, rest) = self.buf.split_at(nul);
         self.buf = &rest[1..];
@@ -65,7 +70,7 @@ impl<'a> Cursor<'a> {
 
     pub(crate) fn cstr(&mut self) -> Result<&'a str, DecodeError> {
         let bytes = self.cstr_bytes()?;
-        std::str::from_utf8(bytes).map_err(|_| DecodeError::InvalidUtf8 { tag: self.tag })
+        utf8(self.tag, bytes)
     }
 
     pub(crate) fn bytes(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {

@@ -100,9 +100,35 @@ fn settle() -> Result<()> {
     Ok(())
 }
 
-/// Clock ticks of user + system CPU a process has used.
-fn cpu_ticks(pid: u32) -> u64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+/// Clock ticks of user + system CPU a process has used: in all, and in its
+/// audit writer thread (the gateway's; none in other processes). The split
+/// shows what writing the audit trail costs beside relaying.
+#[derive(Debug, Clone, Copy)]
+struct CpuTicks {
+    total: u64,
+    audit: Option<u64>,
+}
+
+/// The gateway's name for the thread that writes the audit trail.
+const AUDIT_THREAD: &str = "audit-writer";
+
+fn cpu_ticks(pid: u32) -> CpuTicks {
+    let total = stat_ticks(&format!("/proc/{pid}/stat"));
+    let audit = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|t| t.path())
+        .find(|t| {
+            std::fs::read_to_string(t.join("comm")).is_ok_and(|c| c.trim_end() == AUDIT_THREAD)
+        })
+        .map(|t| stat_ticks(&t.join("stat").to_string_lossy()));
+    CpuTicks { total, audit }
+}
+
+/// utime + stime from a process's or a thread's `stat` file (0 when gone).
+fn stat_ticks(path: &str) -> u64 {
+    let Ok(stat) = std::fs::read_to_string(path) else {
         return 0;
     };
     // Fields after the command name (which may hold spaces) in parentheses.
@@ -113,6 +139,18 @@ fn cpu_ticks(pid: u32) -> u64 {
     let n = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
     // utime and stime are fields 14 and 15, i.e. 11 and 12 after ')'.
     n(11) + n(12)
+}
+
+/// CPU seconds per 1000 units (transactions or rows) since `before`: the
+/// process's, and its audit writer's.
+fn cpu_per_1000(pid: u32, before: CpuTicks, units: u64) -> (f64, Option<f64>) {
+    let after = cpu_ticks(pid);
+    let per = |ticks: u64| ticks as f64 / TICKS_PER_SECOND / (units as f64 / 1000.0);
+    let audit = after
+        .audit
+        .zip(before.audit)
+        .map(|(a, b)| per(a.saturating_sub(b)));
+    (per(after.total.saturating_sub(before.total)), audit)
 }
 
 fn status_kib(pid: u32, key: &str) -> u64 {
@@ -140,6 +178,8 @@ struct Run {
     p99_latency_ms: Option<f64>,
     /// CPU seconds of the proxy per 1000 transactions (or 1000 rows).
     proxy_cpu_per_1000: Option<f64>,
+    /// The part of it the gateway's audit writer thread used.
+    audit_cpu_per_1000: Option<f64>,
     ratio_to_direct: Option<f64>,
     failed: u64,
     /// Statements in the transactions pgbench completed.
@@ -561,13 +601,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 let before = c.pid.map(cpu_ticks);
                 let (tps, mean, p99, failed, processed) =
                     pgbench(c.port, wl, args.seconds, &logdir)?;
-                let cpu = match (c.pid, before) {
-                    (Some(pid), Some(b)) if processed > 0 => Some(
-                        (cpu_ticks(pid) - b) as f64
-                            / TICKS_PER_SECOND
-                            / (processed as f64 / 1000.0),
-                    ),
-                    _ => None,
+                let (cpu, audit_cpu) = match (c.pid, before) {
+                    (Some(pid), Some(b)) if processed > 0 => {
+                        let (cpu, audit) = cpu_per_1000(pid, b, processed);
+                        (Some(cpu), audit)
+                    }
+                    _ => (None, None),
                 };
                 // After the CPU reading: the check runs while the gateway idles.
                 let audit = trails.get_mut(c.name).map(Trail::take).transpose()?;
@@ -593,6 +632,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     mean_latency_ms: Some(mean),
                     p99_latency_ms: Some(p99),
                     proxy_cpu_per_1000: cpu,
+                    audit_cpu_per_1000: audit_cpu,
                     ratio_to_direct: direct_rate.map(|d| tps / d),
                     failed,
                     statements_completed: Some(statements),
@@ -615,11 +655,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 settle()?;
                 let before = c.pid.map(cpu_ticks);
                 let (rate, rows) = bulk(c.port, query, copy)?;
-                let cpu = match (c.pid, before) {
-                    (Some(pid), Some(b)) => Some(
-                        (cpu_ticks(pid) - b) as f64 / TICKS_PER_SECOND / (rows as f64 / 1000.0),
-                    ),
-                    _ => None,
+                let (cpu, audit_cpu) = match (c.pid, before) {
+                    (Some(pid), Some(b)) if rows > 0 => {
+                        let (cpu, audit) = cpu_per_1000(pid, b, rows);
+                        (Some(cpu), audit)
+                    }
+                    _ => (None, None),
                 };
                 if c.name == DIRECT {
                     direct_rate = Some(rate);
@@ -637,6 +678,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     mean_latency_ms: None,
                     p99_latency_ms: None,
                     proxy_cpu_per_1000: cpu,
+                    audit_cpu_per_1000: audit_cpu,
                     ratio_to_direct: direct_rate.map(|d| rate / d),
                     failed: 0,
                     statements_completed: None,
@@ -836,6 +878,7 @@ struct Summary {
     mean_latency_ms: Option<f64>,
     p99_latency_ms: Option<f64>,
     cpu_per_1000: Option<f64>,
+    audit_cpu_per_1000: Option<f64>,
     failed: u64,
 }
 
@@ -874,6 +917,7 @@ fn summarise(runs: &[Run]) -> Vec<Summary> {
             mean_latency_ms: median(g.iter().filter_map(|r| r.mean_latency_ms).collect()),
             p99_latency_ms: median(g.iter().filter_map(|r| r.p99_latency_ms).collect()),
             cpu_per_1000: median(g.iter().filter_map(|r| r.proxy_cpu_per_1000).collect()),
+            audit_cpu_per_1000: median(g.iter().filter_map(|r| r.audit_cpu_per_1000).collect()),
             failed: g.iter().map(|r| r.failed).sum(),
         })
         .collect()
@@ -1025,13 +1069,13 @@ fn print_table(s: &[Summary], peak: u64, idle_rss: u64, per_idle: f64, idle: usi
     let mut out = std::io::stdout().lock();
     let _ = writeln!(
         out,
-        "| workload | config | median rate | ratio to direct | mean ms | p99 ms | proxy CPU s / 1000 | failed |"
+        "| workload | config | median rate | ratio to direct | mean ms | p99 ms | proxy CPU s / 1000 | of which audit writer | failed |"
     );
-    let _ = writeln!(out, "|---|---|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(out, "|---|---|---:|---:|---:|---:|---:|---:|---:|");
     for r in s {
         let _ = writeln!(
             out,
-            "| {} | {} | {:.0} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {:.0} | {} | {} | {} | {} | {} | {} |",
             r.workload,
             r.config,
             r.median_rate,
@@ -1039,6 +1083,7 @@ fn print_table(s: &[Summary], peak: u64, idle_rss: u64, per_idle: f64, idle: usi
             opt(r.mean_latency_ms, 3),
             opt(r.p99_latency_ms, 3),
             opt(r.cpu_per_1000, 4),
+            opt(r.audit_cpu_per_1000, 4),
             r.failed
         );
     }

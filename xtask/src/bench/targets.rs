@@ -247,6 +247,7 @@ mod tests {
             mean_latency_ms: Some(mean),
             p99_latency_ms: None,
             proxy_cpu_per_1000: Some(cpu),
+            audit_cpu_per_1000: None,
             ratio_to_direct: None,
             failed: 0,
             statements_completed: None,

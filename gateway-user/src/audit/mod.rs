@@ -8,6 +8,7 @@
 //! and retried, so nothing is lost.
 
 mod record;
+mod write_behind;
 mod writer;
 
 pub use record::{

@@ -1,6 +1,7 @@
 //! The single writer of the audit stream.
 
 use std::io::Write;
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -12,6 +13,7 @@ use super::record::{
     decision_json, push_json_name, push_json_str, Outcome, Record, RecordBody, SessionInfo,
     Stamper, StatementRecord, StatementRef,
 };
+use super::write_behind::WriteBehind;
 use crate::policy::Decision;
 
 /// Where audit lines go.
@@ -129,9 +131,9 @@ impl AuditSink {
     /// `max_pending`: serialised bytes that may wait for the writer before
     /// sessions wait for room.
     pub fn open(target: &AuditTarget, max_pending: usize) -> Result<Self, AuditError> {
-        let out: Box<dyn Write + Send> = match target {
-            AuditTarget::Stdout => Box::new(std::io::stdout()),
-            AuditTarget::File(path) => Box::new(
+        let writer = match target {
+            AuditTarget::Stdout => Writer::new(std::io::stdout()),
+            AuditTarget::File(path) => Writer::new(
                 std::fs::OpenOptions::new()
                     .create(true)
                     .append(true)
@@ -162,7 +164,7 @@ impl AuditSink {
         let shared = Arc::clone(&inner);
         std::thread::Builder::new()
             .name("audit-writer".into())
-            .spawn(move || run_writer(out, shared))
+            .spawn(move || run_writer(writer, shared))
             .map_err(AuditError::Thread)?;
         Ok(Self { inner })
     }
@@ -505,9 +507,18 @@ impl StatementLines {
 
 struct Writer {
     out: Box<dyn Write + Send>,
+    /// When the output is a regular file.
+    behind: Option<WriteBehind>,
 }
 
 impl Writer {
+    fn new(out: impl Write + AsFd + Send + 'static) -> Self {
+        Self {
+            behind: WriteBehind::for_output(&out),
+            out: Box::new(out),
+        }
+    }
+
     /// Writes a batch; on failure keeps it and retries until it goes
     /// through, with the sink marked unhealthy meanwhile.
     fn write(&mut self, batch: &[u8], healthy: &AtomicBool) {
@@ -515,6 +526,11 @@ impl Writer {
             let result = self.out.write_all(batch).and_then(|()| self.out.flush());
             match result {
                 Ok(()) => {
+                    if let Some(behind) = self.behind.as_mut() {
+                        if !behind.written(batch.len()) {
+                            self.behind = None;
+                        }
+                    }
                     if !healthy.swap(true, Ordering::Relaxed) {
                         tracing::warn!("audit sink writable again; statements are allowed again");
                     }
@@ -534,8 +550,7 @@ impl Writer {
     }
 }
 
-fn run_writer(out: Box<dyn Write + Send>, inner: Arc<Inner>) {
-    let mut w = Writer { out };
+fn run_writer(mut w: Writer, inner: Arc<Inner>) {
     let mut batch: Vec<u8> = Vec::with_capacity(64 * 1024);
     loop {
         let flushes = {

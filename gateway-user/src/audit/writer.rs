@@ -527,7 +527,7 @@ impl Writer {
             match result {
                 Ok(()) => {
                     if let Some(behind) = self.behind.as_mut() {
-                        if !behind.written(batch.len()) {
+                        if !behind.written() {
                             self.behind = None;
                         }
                     }

@@ -1157,3 +1157,52 @@ fn xml(s: &str) -> String {
         .replace('<', "&lt;")
         .replace('>', "&gt;")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    /// A thread of that name that keeps a CPU busy until `ticks` of it
+    /// show, then waits (still alive, still listed) until `stop`.
+    fn busy_thread(name: &str, ticks: u64, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+        std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || {
+                while stat_ticks("/proc/thread-self/stat") < ticks {
+                    std::hint::black_box((0..10_000u64).sum::<u64>());
+                }
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+            })
+            .expect("thread starts")
+    }
+
+    #[test]
+    fn the_audit_share_counts_the_audit_threads_only() {
+        let me = std::process::id();
+        let stop = Arc::new(AtomicBool::new(false));
+        let before = cpu_ticks(me);
+        let other = busy_thread("other", 5, Arc::clone(&stop));
+        while stat_ticks(&format!("/proc/{me}/stat")) < before.total + 3 {
+            std::thread::yield_now();
+        }
+        assert_eq!(cpu_ticks(me).audit, None, "no audit thread yet");
+        let audit = busy_thread("audit-test", 5, Arc::clone(&stop));
+        let share = loop {
+            if let Some(a) = cpu_ticks(me).audit.filter(|a| *a >= 5) {
+                break a;
+            }
+            std::thread::yield_now();
+        };
+        let now = cpu_ticks(me);
+        assert!(now.total >= share, "{now:?}");
+        stop.store(true, Ordering::Relaxed);
+        other.join().expect("ran");
+        audit.join().expect("ran");
+        // Gone from /proc/PID/task once ended.
+        assert_eq!(cpu_ticks(me).audit, None);
+    }
+}

@@ -76,7 +76,8 @@ impl WriteBehind {
         let Ok(end) = self.file.stream_position() else {
             return false;
         };
-        // Shorter than before: truncated (rotated by copying).
+        // Nothing to hand over until a chunk has gathered, or the file got
+        // shorter (truncated: rotated by copying).
         if end < self.reported_to + CHUNK && end >= self.reported_to {
             return true;
         }

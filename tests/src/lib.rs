@@ -11,6 +11,18 @@ pub mod raw;
 pub use cluster::Cluster;
 pub use gateway::Gateway;
 
+/// Asserts that a command that has run succeeded; a failure shows what it
+/// wrote on stderr.
+#[track_caller]
+pub fn assert_success(out: &std::process::Output) {
+    assert!(
+        out.status.success(),
+        "{}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// A free TCP port on 127.0.0.1 (bound then released).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

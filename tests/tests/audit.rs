@@ -26,11 +26,7 @@ fn every_line_has_the_schema_fields_and_no_client_literal() {
         .args(["-X", "-d", &gw.dsn("agent_audit"), "-c", &sql])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    agentgate_tests::assert_success(&out);
     gw.wait_audit(1, |r| r["event"] == "session.end");
 
     let lines = gw.audit();

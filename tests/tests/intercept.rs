@@ -70,11 +70,7 @@ fn pgbench_init(db: &Cluster) {
         .args(["-p", &db.port.to_string(), "-U", "postgres", "postgres"])
         .output()
         .unwrap();
-    assert!(
-        init.status.success(),
-        "{}",
-        String::from_utf8_lossy(&init.stderr)
-    );
+    agentgate_tests::assert_success(&init);
 }
 
 /// Runs pgbench through `prefix` (into the cgroup, as the agent) and
@@ -200,11 +196,7 @@ fn clients_outside_the_cgroup_go_direct_and_ipv4_mapped_ipv6_is_intercepted() {
         .args(["-c", "SELECT 'outside'"])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    agentgate_tests::assert_success(&out);
     // Inside, over an AF_INET6 socket to a v4-mapped address.
     let out = psql_in(&cg, "::ffff:127.0.0.1", db.port, "SELECT 'mapped'");
     assert!(
@@ -265,17 +257,9 @@ fn attach_is_idempotent_and_detach_leaves_nothing() {
     let cg = TestCgroup::new("pins");
     let port = db.port.to_string();
     let first = cg.attach(&["--capture-port", &port]);
-    assert!(
-        first.status.success(),
-        "{}",
-        String::from_utf8_lossy(&first.stderr)
-    );
+    agentgate_tests::assert_success(&first);
     let second = cg.attach(&["--capture-port", &port]);
-    assert!(
-        second.status.success(),
-        "{}",
-        String::from_utf8_lossy(&second.stderr)
-    );
+    agentgate_tests::assert_success(&second);
     assert!(String::from_utf8_lossy(&second.stdout).contains("already attached"));
     let pins = cg.pin_dir();
     assert!(pins.join("link_connect4").exists());
@@ -284,11 +268,7 @@ fn attach_is_idempotent_and_detach_leaves_nothing() {
         .status
         .success());
     let out = cg.detach();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    agentgate_tests::assert_success(&out);
     assert!(!pins.exists(), "pins left behind");
     if let Ok(out) = Command::new("bpftool")
         .args(["cgroup", "show"])
@@ -313,11 +293,7 @@ fn attach_is_idempotent_and_detach_leaves_nothing() {
         .args(["-c", "SELECT 1"])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    agentgate_tests::assert_success(&out);
 }
 
 /// The database lives "elsewhere" (192.0.2.10:5432 in its own network

@@ -32,11 +32,7 @@ fn pgbench_all_modes_zero_failures_and_one_record_per_statement() {
         .args(["-p", &db.port.to_string(), "-U", SUPERUSER, "postgres"])
         .output()
         .unwrap();
-    assert!(
-        init.status.success(),
-        "{}",
-        String::from_utf8_lossy(&init.stderr)
-    );
+    agentgate_tests::assert_success(&init);
     let gw = Gateway::start(&db, &[]);
 
     for (mode, script) in [

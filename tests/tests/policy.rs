@@ -137,11 +137,7 @@ fn policy_check_lists_every_problem_with_its_line() {
         .args(["policy", "check", good])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    agentgate_tests::assert_success(&out);
     // A gateway refuses to start on a broken policy.
     let out = Command::new(agentgate_tests::gateway::binary())
         .args([

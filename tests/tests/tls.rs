@@ -39,11 +39,7 @@ fn tls_to_the_client_and_verify_full_to_the_database() {
         .arg("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    agentgate_tests::assert_success(&out);
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
         "t",

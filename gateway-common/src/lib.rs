@@ -71,6 +71,53 @@ pub struct PeerKey {
     pub port: u32,
 }
 
+/// One end of a connection in the sockmap, as that socket sees it: the
+/// network namespace (two pods can share a 4-tuple), addresses as IPv4 in
+/// network byte order (v4-mapped ones too), ports in host byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockKey {
+    pub netns: u64,
+    pub local_ip4: u32,
+    pub remote_ip4: u32,
+    pub local_port: u32,
+    pub remote_port: u32,
+}
+
+impl SockKey {
+    /// The key of the socket at the other end of the same connection.
+    pub const fn peer(&self) -> Self {
+        Self {
+            netns: self.netns,
+            local_ip4: self.remote_ip4,
+            remote_ip4: self.local_ip4,
+            local_port: self.remote_port,
+            remote_port: self.local_port,
+        }
+    }
+}
+
+/// What the running sidecar tells the socket-level fast path (index 0 of
+/// the ACCEL map). All zero: the fast path is off.
+///
+/// The fast path hands a write on one end of an agent's connection straight
+/// to the other end's receive queue. The kernel does not bound that queue
+/// by the receiver's buffer, so the probe reads how much of it is unread
+/// (`struct sk_psock`'s `msg_tot_len`, found through `struct sock`'s
+/// `sk_user_data`) at offsets the sidecar takes from the kernel's BTF.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AccelConfig {
+    /// Byte offset of `sk_user_data` in `struct sock`.
+    pub sk_user_data: u32,
+    /// Byte offset of `msg_tot_len` in `struct sk_psock`.
+    pub psock_msg_tot_len: u32,
+    /// Unread bytes a receiver may have queued before its connection goes
+    /// back to TCP for good.
+    pub unread_limit: u32,
+    pub _pad: u32,
+}
+
 /// Indices of the per-CPU counters.
 pub mod counter {
     pub const REDIRECTED: u32 = 0;
@@ -79,7 +126,12 @@ pub mod counter {
     pub const LOOKUP_MISS: u32 = 3;
     pub const BIND_DENIED: u32 = 4;
     pub const IPV6_REFUSED: u32 = 5;
-    pub const COUNT: u32 = 6;
+    /// Sockets put into the sockmap (two per accelerated connection).
+    pub const ACCELERATED: u32 = 6;
+    /// Directions of a connection sent back to TCP for good (the receiver
+    /// fell behind, or its end was not in the sockmap when written to).
+    pub const ACCEL_TO_TCP: u32 = 7;
+    pub const COUNT: u32 = 8;
     pub const NAMES: [&str; COUNT as usize] = [
         "redirected",
         "skipped",
@@ -87,6 +139,8 @@ pub mod counter {
         "lookup_miss",
         "bind_denied",
         "ipv6_refused",
+        "accelerated",
+        "accel_to_tcp",
     ];
 }
 
@@ -95,6 +149,9 @@ pub mod names {
     pub const CONNECT4: &str = "connect4";
     pub const CONNECT6: &str = "connect6";
     pub const SOCKOPS: &str = "rekey";
+    /// `rekey` that also puts intercepted connections into the sockmap.
+    pub const SOCKOPS_ACCEL: &str = "rekey_accel";
+    pub const SK_MSG: &str = "accel_msg";
     pub const GETSOCKOPT: &str = "getsockopt";
     pub const BIND4: &str = "bind4";
     pub const BIND6: &str = "bind6";
@@ -102,6 +159,8 @@ pub mod names {
     pub const MAP_BY_COOKIE: &str = "BY_COOKIE";
     pub const MAP_BY_PEER: &str = "BY_PEER";
     pub const MAP_COUNTERS: &str = "COUNTERS";
+    pub const MAP_ACCEL: &str = "ACCEL";
+    pub const MAP_SOCKETS: &str = "SOCKETS";
 }
 
 #[cfg(feature = "user")]
@@ -112,4 +171,8 @@ mod user {
     unsafe impl aya::Pod for super::ConnRecord {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::PeerKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SockKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::AccelConfig {}
 }

@@ -6,7 +6,12 @@
 //! sockops            once the client's source port exists, re-key the record
 //!                    by the client address the sidecar will see as its peer;
 //! getsockopt         answer the sidecar's getsockopt(SO_ORIGINAL_DST) from it;
-//! bind4/bind6        nobody but the sidecar binds the sidecar's port.
+//! bind4/bind6        nobody but the sidecar binds the sidecar's port;
+//! rekey_accel        `rekey`, and both ends of each intercepted connection
+//!                    into a sockmap, where
+//! accel_msg          hands each write straight to the other end's receive
+//!                    queue, skipping loopback TCP, while that queue's
+//!                    unread bytes stay under a limit.
 //!
 //! Loop avoidance is by the caller's identity (the sidecar's uid, or its
 //! cgroup), never by the destination, so a database behind a local proxy on
@@ -20,15 +25,16 @@ use aya_ebpf::{
     bindings::{bpf_sock_addr, bpf_sockopt},
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_get_current_uid_gid, bpf_get_socket_cookie,
+        bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_get_socket_cookie,
+        bpf_probe_read_kernel,
     },
-    macros::{cgroup_sock_addr, cgroup_sockopt, map, sock_ops},
-    maps::{Array, LruHashMap, PerCpuArray},
-    programs::{SockAddrContext, SockOpsContext, SockoptContext},
+    macros::{cgroup_sock_addr, cgroup_sockopt, map, sk_msg, sock_ops},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash},
+    programs::{SkMsgContext, SockAddrContext, SockOpsContext, SockoptContext},
 };
 use gateway_common::{
-    counter, ConnRecord, PeerKey, ProbeConfig, IP6T_SO_ORIGINAL_DST, MAX_CAPTURE_PORTS, SOL_IP,
-    SOL_IPV6, SO_ORIGINAL_DST,
+    counter, AccelConfig, ConnRecord, PeerKey, ProbeConfig, SockKey, IP6T_SO_ORIGINAL_DST,
+    MAX_CAPTURE_PORTS, SOL_IP, SOL_IPV6, SO_ORIGINAL_DST,
 };
 
 #[map(name = "CONFIG")]
@@ -43,11 +49,38 @@ static BY_PEER: LruHashMap<PeerKey, ConnRecord> = LruHashMap::with_max_entries(6
 #[map(name = "COUNTERS")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
 
+/// Set by the running sidecar; all zero: no fast path.
+#[map(name = "ACCEL")]
+static ACCEL: Array<AccelConfig> = Array::with_max_entries(1, 0);
+
+/// Both ends of each accelerated connection, by their own view of it.
+#[map(name = "SOCKETS")]
+static SOCKETS: SockHash<SockKey> = SockHash::with_max_entries(65536, 0);
+
+/// Each accelerated socket's kernel address, to read how much its receive
+/// queue holds unread. An entry lost to the LRU only sends its connection
+/// back to TCP.
+#[map(name = "SOCK_ADDR")]
+static SOCK_ADDR: LruHashMap<SockKey, u64> = LruHashMap::with_max_entries(65536, 0);
+
+/// Receivers that get their bytes over TCP for good. Never evicted (a
+/// plain hash): once bytes went by TCP, redirected bytes would be read
+/// before them, so a direction must not go back to the fast path.
+#[map(name = "TCP_ONLY")]
+static TCP_ONLY: HashMap<SockKey, u8> = HashMap::with_max_entries(65536, 0);
+
 const ALLOW: i32 = 1;
 const DENY: i32 = 0;
 const IPPROTO_TCP: u32 = 6;
 const AF_INET: u16 = 2;
 const BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB: u32 = 4;
+const BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB: u32 = 5;
+const BPF_NOEXIST: u64 = 1;
+const BPF_F_INGRESS: u64 = 1;
+const SK_PASS: u32 = 1;
+const SK_DROP: u32 = 0;
+/// `sk_user_data` carries flags in its low bits (SK_USER_DATA_PTRMASK).
+const SK_USER_DATA_PTRMASK: u64 = !7;
 const BPF_SOCK_OPS_STATE_CB: u32 = 10;
 const BPF_SOCK_OPS_STATE_CB_FLAG: i32 = 4;
 const BPF_TCP_CLOSE: u32 = 7;
@@ -180,6 +213,20 @@ pub fn connect6(ctx: SockAddrContext) -> i32 {
 
 #[sock_ops]
 pub fn rekey(ctx: SockOpsContext) -> u32 {
+    rekey_and_maybe_accelerate(&ctx, false)
+}
+
+/// `rekey` plus the fast path. A program apart because it stores a socket's
+/// address, which the verifier allows only with CAP_PERFMON: where it is
+/// refused, the sidecar attaches plain `rekey` and interception works
+/// without the fast path.
+#[sock_ops]
+pub fn rekey_accel(ctx: SockOpsContext) -> u32 {
+    rekey_and_maybe_accelerate(&ctx, true)
+}
+
+#[inline(always)]
+fn rekey_and_maybe_accelerate(ctx: &SockOpsContext, accel: bool) -> u32 {
     let op = ctx.op();
     if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
         // SAFETY: the context pointer the kernel gave this program.
@@ -188,22 +235,163 @@ pub fn rekey(ctx: SockOpsContext) -> u32 {
         if let Some(record) = unsafe { BY_COOKIE.get(&cookie) } {
             let record = *record;
             let key = PeerKey {
-                ip4: local_ip4(&ctx),
+                ip4: local_ip4(ctx),
                 port: ctx.local_port(),
             };
             let _ = BY_PEER.insert(&key, &record, 0);
             let _ = BY_COOKIE.remove(&cookie);
             // Be told when the connection closes, to drop the record.
             let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG);
+            if accel {
+                accelerate(ctx);
+            }
+        }
+    } else if accel && op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
+        // The sidecar's end of a connection the probes redirected (its
+        // client end has a record): on loopback this runs before the
+        // client's connect() returns, so both ends are in the sockmap
+        // before either writes.
+        let intercepted = config().is_some_and(|c| ctx.local_port() == u32::from(c.redirect_port))
+            && BY_PEER
+                .get_ptr(&PeerKey {
+                    ip4: remote_ip4(ctx),
+                    port: u32::from_be(ctx.remote_port()),
+                })
+                .is_some();
+        if intercepted {
+            let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG);
+            accelerate(ctx);
         }
     } else if op == BPF_SOCK_OPS_STATE_CB && ctx.arg(1) == BPF_TCP_CLOSE {
         let key = PeerKey {
-            ip4: local_ip4(&ctx),
+            ip4: local_ip4(ctx),
             port: ctx.local_port(),
         };
         let _ = BY_PEER.remove(&key);
+        if accel {
+            // The sockmap drops a closed socket by itself.
+            let own = sock_key(ctx);
+            let _ = SOCK_ADDR.remove(&own);
+            let _ = TCP_ONLY.remove(&own);
+        }
     }
     0
+}
+
+#[inline(always)]
+fn accel_config() -> Option<&'static AccelConfig> {
+    ACCEL
+        .get(0)
+        .filter(|a| a.sk_user_data != 0 && a.unread_limit != 0)
+}
+
+/// This socket's own view of its connection.
+#[inline(always)]
+fn sock_key(ctx: &SockOpsContext) -> SockKey {
+    SockKey {
+        // SAFETY: the context pointer the kernel gave this program.
+        netns: unsafe { bpf_get_netns_cookie(ctx.ops as *mut c_void) },
+        local_ip4: local_ip4(ctx),
+        remote_ip4: remote_ip4(ctx),
+        local_port: ctx.local_port(),
+        remote_port: u32::from_be(ctx.remote_port()),
+    }
+}
+
+/// Puts this end of the connection into the sockmap, with its address.
+#[inline(always)]
+fn accelerate(ctx: &SockOpsContext) {
+    if accel_config().is_none() {
+        return;
+    }
+    // SAFETY: a read of a context field.
+    let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return;
+    }
+    let mut key = sock_key(ctx);
+    let addr = sk as u64;
+    if SOCK_ADDR.insert(&key, &addr, 0).is_err() {
+        return;
+    }
+    // SAFETY: the context pointer the kernel gave this program.
+    let ops = unsafe { &mut *ctx.ops };
+    if SOCKETS.update(&mut key, ops, BPF_NOEXIST).is_ok() {
+        count(counter::ACCELERATED);
+    } else {
+        let _ = SOCK_ADDR.remove(&key);
+    }
+}
+
+/// Every write on an accelerated socket: straight into the other end's
+/// receive queue while that holds less than the limit unread, else (and
+/// from then on, for this direction) over TCP as usual.
+#[sk_msg]
+pub fn accel_msg(ctx: SkMsgContext) -> u32 {
+    let md = ctx.msg;
+    // SAFETY: reads of context fields; the verifier checks each offset.
+    let mut peer = unsafe {
+        let v4 = (*md).family == u32::from(AF_INET);
+        let local = core::hint::black_box((*md).local_ip4);
+        let local6 = core::hint::black_box((*md).local_ip6[3]);
+        let remote = core::hint::black_box((*md).remote_ip4);
+        let remote6 = core::hint::black_box((*md).remote_ip6[3]);
+        SockKey {
+            netns: bpf_get_netns_cookie(md as *mut c_void),
+            local_ip4: if v4 { remote } else { remote6 },
+            remote_ip4: if v4 { local } else { local6 },
+            local_port: u32::from_be((*md).remote_port),
+            remote_port: (*md).local_port,
+        }
+    };
+    // SAFETY: map values are plain data.
+    if unsafe { TCP_ONLY.get(&peer) }.is_some() {
+        return SK_PASS;
+    }
+    if room_for(&peer, ctx.size())
+        && SOCKETS.redirect_msg(&ctx, &mut peer, BPF_F_INGRESS) == i64::from(SK_PASS)
+    {
+        return SK_PASS;
+    }
+    if TCP_ONLY.insert(&peer, &1, 0).is_err() {
+        // Unrecorded, a later write could take the fast path past this
+        // one's bytes: fail the write rather than reorder the stream.
+        return SK_DROP;
+    }
+    count(counter::ACCEL_TO_TCP);
+    SK_PASS
+}
+
+/// Whether the receiver `peer` has room for `size` more redirected bytes.
+#[inline(always)]
+fn room_for(peer: &SockKey, size: u32) -> bool {
+    let Some(cfg) = accel_config() else {
+        return false;
+    };
+    // SAFETY: map values are plain data.
+    let Some(addr) = (unsafe { SOCK_ADDR.get(peer) }) else {
+        return false;
+    };
+    // SAFETY: bpf_probe_read_kernel faults safely; a socket closing
+    // meanwhile reads as a stale or zero value, and the redirect itself
+    // goes only to a socket the sockmap still holds.
+    let psock =
+        match unsafe { bpf_probe_read_kernel((*addr + u64::from(cfg.sk_user_data)) as *const u64) }
+        {
+            Ok(ud) => ud & SK_USER_DATA_PTRMASK,
+            Err(_) => return false,
+        };
+    if psock == 0 {
+        return false;
+    }
+    // SAFETY: as above.
+    let unread = match unsafe {
+        bpf_probe_read_kernel((psock + u64::from(cfg.psock_msg_tot_len)) as *const u32)
+    } {
+        Ok(n) => n,
+        Err(_) => return false,
+    };
+    u64::from(unread) + u64::from(size) <= u64::from(cfg.unread_limit)
 }
 
 /// The local IPv4 address of a socket, from an AF_INET6 socket's mapped
@@ -214,6 +402,18 @@ fn local_ip4(ctx: &SockOpsContext) -> u32 {
     // pointer offset chosen at run time, which a branch would compile to.
     let v4 = core::hint::black_box(ctx.local_ip4());
     let v6 = core::hint::black_box(ctx.local_ip6()[3]);
+    if ctx.family() == u32::from(AF_INET) {
+        v4
+    } else {
+        v6
+    }
+}
+
+/// The remote IPv4 address, as `local_ip4`.
+#[inline(always)]
+fn remote_ip4(ctx: &SockOpsContext) -> u32 {
+    let v4 = core::hint::black_box(ctx.remote_ip4());
+    let v6 = core::hint::black_box(ctx.remote_ip6()[3]);
     if ctx.family() == u32::from(AF_INET) {
         v4
     } else {

@@ -63,6 +63,19 @@ pub enum SchedPolicy {
     Inherit,
 }
 
+/// Whether intercepted connections may skip loopback TCP (see
+/// `intercept::fast_path`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum FastPath {
+    /// Where the kernel allows it: agent and sidecar exchange bytes through
+    /// an eBPF sockmap, and a reader that falls behind gets TCP again.
+    #[default]
+    On,
+    /// Always loopback TCP.
+    Off,
+}
+
 /// Flags of `agentgate run`. Every one may also be set in `--config`.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct RunArgs {
@@ -121,6 +134,10 @@ pub struct RunArgs {
     /// Destination port to capture (repeat for several) [default: 5432].
     #[arg(long = "capture-port", value_name = "PORT")]
     pub capture_ports: Vec<u16>,
+    /// With --intercept ebpf: let intercepted connections skip loopback TCP
+    /// between agent and gateway [default: on].
+    #[arg(long, value_enum, value_name = "on|off")]
+    pub fast_path: Option<FastPath>,
     /// Threads relaying plain-TCP sessions, each an epoll loop (like
     /// pgbouncer's one); 0 is one per CPU. Above 1, logins and TLS
     /// sessions also run on that many runtime threads [default: 1].
@@ -171,6 +188,7 @@ pub struct FileConfig {
     pub probes: Option<PathBuf>,
     #[serde(default)]
     pub capture_ports: Vec<u16>,
+    pub fast_path: Option<FastPath>,
     pub worker_threads: Option<usize>,
     pub sched_policy: Option<SchedPolicy>,
     pub shutdown_grace: Option<u64>,
@@ -215,6 +233,7 @@ pub struct Settings {
     pub cgroup: Option<String>,
     pub probes: Option<PathBuf>,
     pub capture_ports: Vec<u16>,
+    pub fast_path: FastPath,
     pub worker_threads: usize,
     pub sched_policy: SchedPolicy,
     pub shutdown_grace: std::time::Duration,
@@ -345,6 +364,7 @@ impl Settings {
             cgroup,
             probes: args.probes.or(file.probes),
             capture_ports,
+            fast_path: args.fast_path.or(file.fast_path).unwrap_or_default(),
             worker_threads: args.worker_threads.or(file.worker_threads).unwrap_or(1),
             sched_policy: args.sched_policy.or(file.sched_policy).unwrap_or_default(),
             shutdown_grace: std::time::Duration::from_secs(

@@ -116,7 +116,8 @@ fn start_interception(settings: &Settings) -> anyhow::Result<Interception> {
             tracing::info!(cgroup = %cgroup.display(), pins = %dir.display(), "probes were attached already")
         }
     }
-    Ok(Interception::new(&cgroup, &object)?)
+    let fast_path = settings.fast_path == crate::config::FastPath::On;
+    Ok(Interception::new(&cgroup, &object, fast_path)?)
 }
 
 /// Serves until SIGINT or SIGTERM, then flushes the audit trail.

@@ -62,6 +62,35 @@ fn counters() -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap_or_default()
 }
 
+/// `probes status` of the scope whose pin directory names `name`.
+fn scope_status(name: &str) -> serde_json::Value {
+    counters()
+        .as_array()
+        .and_then(|a| {
+            a.iter()
+                .find(|s| s["pin_dir"].as_str().is_some_and(|p| p.contains(name)))
+        })
+        .cloned()
+        .expect("the test cgroup's scope in probes status")
+}
+
+/// The kernel's TCP memory, in bytes (/proc/net/sockstat counts pages).
+fn tcp_memory() -> u64 {
+    let text = std::fs::read_to_string("/proc/net/sockstat").unwrap();
+    let pages: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("TCP:"))
+        .and_then(|l| l.split_whitespace().skip_while(|w| *w != "mem").nth(1))
+        .and_then(|n| n.parse().ok())
+        .expect("TCP mem in /proc/net/sockstat");
+    let page = Command::new("getconf").arg("PAGESIZE").output().unwrap();
+    let page: u64 = String::from_utf8_lossy(&page.stdout)
+        .trim()
+        .parse()
+        .unwrap();
+    pages * page
+}
+
 /// Creates pgbench's tables directly, as their owner (not through the gateway).
 fn pgbench_init(db: &Cluster) {
     let init = Command::new(format!("{PG_BIN}/pgbench"))
@@ -149,18 +178,7 @@ fn psql_and_pgbench_reach_the_database_only_through_the_gateway() {
 
     // The sidecar answered getsockopt(SO_ORIGINAL_DST) from the probes, and
     // its own upstream connections were let through, not redirected.
-    let status = counters();
-    let scope = status
-        .as_array()
-        .and_then(|a| {
-            a.iter().find(|s| {
-                s["pin_dir"]
-                    .as_str()
-                    .is_some_and(|p| p.contains("agentgate-test-through"))
-            })
-        })
-        .cloned()
-        .expect("the test cgroup's scope in probes status");
+    let scope = scope_status("agentgate-test-through");
     assert!(
         scope["counters"]["redirected"].as_u64().unwrap() >= 3,
         "{scope}"
@@ -410,4 +428,66 @@ fn a_server_the_agent_chose_gets_nothing_to_guess_the_password_from() {
             None => assert!(got.contains(leaks), "{name}: got {got:?}"),
         }
     }
+}
+
+#[test]
+fn the_fast_path_holds_a_client_that_stops_reading_to_a_tcp_buffer_and_keeps_its_rows_in_order() {
+    if !privileged() {
+        return;
+    }
+    let (db, cg, gw) = setup("fastpath");
+    // 300 000 rows of about 1 KB. psql writes COPY data to its stdout as it
+    // arrives; the pipe's reader sleeps first, so psql soon stops reading
+    // its socket while the gateway still has most of the result to send.
+    let rows = 300_000;
+    let script = format!(
+        "psql -X -q -d 'host=127.0.0.1 port={port} user=agent dbname=postgres connect_timeout=5' \
+         -c \"COPY (SELECT i, repeat('x', 1000) FROM generate_series(1, {rows}) i) TO STDOUT\" \
+         | (sleep 6; awk -F '\\t' '$1 != NR {{ bad++ }} END {{ print NR, bad + 0 }}')",
+        port = db.port
+    );
+    let before = tcp_memory();
+    let client = cg
+        .command(Some(AGENT_UID), "sh")
+        .args(["-c", &script])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut peak = before;
+    for _ in 0..50 {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        peak = peak.max(tcp_memory());
+    }
+    let out = client.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        gw.stderr()
+    );
+    // Every row arrived, numbered 1, 2, 3...: bytes that went back to TCP
+    // were read after the ones the fast path had queued, never before.
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("{rows} 0")
+    );
+    // Unbounded, the kernel would have taken the whole 300 MB result off
+    // the gateway into the stalled client's socket.
+    let grew = peak.saturating_sub(before);
+    assert!(
+        grew < 64 << 20,
+        "TCP memory grew by {} MiB while the client did not read",
+        grew >> 20
+    );
+    let scope = scope_status("agentgate-test-fastpath");
+    assert!(
+        scope["counters"]["accelerated"].as_u64().unwrap() >= 2,
+        "both ends of the connection took the fast path: {scope}\n{}",
+        gw.stderr()
+    );
+    assert!(
+        scope["counters"]["accel_to_tcp"].as_u64().unwrap() >= 1,
+        "the stalled direction went back to TCP: {scope}"
+    );
 }

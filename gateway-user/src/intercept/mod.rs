@@ -2,6 +2,7 @@
 //! original destination and the kernel's identity of each caller.
 
 pub mod cgroup;
+pub mod fast_path;
 pub mod probes;
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -107,8 +108,14 @@ pub struct Interception {
 }
 
 impl Interception {
-    pub fn new(cgroup: &std::path::Path, object: &std::path::Path) -> Result<Self, InterceptError> {
-        let probes = SidecarProbes::start(cgroup, object)?;
+    /// `fast_path`: try the socket-level fast path (it stays off, with a
+    /// warning, where this kernel does not allow it).
+    pub fn new(
+        cgroup: &std::path::Path,
+        object: &std::path::Path,
+        fast_path: bool,
+    ) -> Result<Self, InterceptError> {
+        let probes = SidecarProbes::start(cgroup, object, fast_path)?;
         Ok(Self {
             peers: PeerTable::open(cgroup)?,
             cgroup_root: cgroup::cgroup2_mount()?,

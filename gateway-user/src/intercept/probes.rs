@@ -9,13 +9,15 @@ use std::net::Ipv4Addr;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
-use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, SockHash};
 use aya::programs::{
     links::{FdLink, PinnedLink},
-    CgroupAttachMode, CgroupSockAddr, CgroupSockopt, SockOps,
+    CgroupAttachMode, CgroupSockAddr, CgroupSockopt, SkMsg, SockOps,
 };
 use aya::{Ebpf, EbpfLoader};
-use gateway_common::{counter, names, ConnRecord, PeerKey, ProbeConfig, MAX_CAPTURE_PORTS};
+use gateway_common::{
+    counter, names, AccelConfig, ConnRecord, PeerKey, ProbeConfig, SockKey, MAX_CAPTURE_PORTS,
+};
 
 use super::cgroup::{self, CgroupError};
 
@@ -243,7 +245,7 @@ fn attach_program(
             (p, id)
         }};
     }
-    if name == names::SOCKOPS {
+    if name == names::SOCKOPS || name == names::SOCKOPS_ACCEL {
         load_attach!(SockOps);
         return Ok(None);
     }
@@ -261,14 +263,18 @@ fn attach_program(
     Ok(Some(link))
 }
 
-/// The sidecar's own probes (sockops and getsockopt), attached while it
-/// runs; dropping this detaches them.
+/// The sidecar's own probes (sockops, getsockopt and, where the kernel
+/// allows it, the fast path's sk_msg), attached while it runs; dropping
+/// this detaches them. The fast path's maps are not pinned: they live and
+/// die with the sidecar.
 pub struct SidecarProbes {
     _bpf: Ebpf,
+    /// Whether intercepted connections get the socket-level fast path.
+    pub fast_path: bool,
 }
 
 impl SidecarProbes {
-    pub fn start(cgroup: &Path, object: &Path) -> Result<Self, InterceptError> {
+    pub fn start(cgroup: &Path, object: &Path, fast_path: bool) -> Result<Self, InterceptError> {
         let dir = pin_dir(cgroup)?;
         if !object.exists() {
             return Err(InterceptError::NoObject {
@@ -277,11 +283,69 @@ impl SidecarProbes {
         }
         let mut bpf = load_with_pinned_maps(object, &dir)?;
         let cgroup_file = std::fs::File::open(cgroup).map_err(io_err(cgroup))?;
+        let fast_path = fast_path
+            && match start_fast_path(&mut bpf, cgroup_file.as_fd()) {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!(error = %e, "no fast path between agent and gateway: connections use loopback TCP");
+                    false
+                }
+            };
         for name in SIDECAR_PROGRAMS {
+            if name == names::SOCKOPS && fast_path {
+                continue;
+            }
             attach_program(&mut bpf, name, cgroup_file.as_fd())?;
         }
-        Ok(Self { _bpf: bpf })
+        if fast_path {
+            tracing::info!("fast path on: intercepted connections skip loopback TCP");
+        }
+        Ok(Self {
+            _bpf: bpf,
+            fast_path,
+        })
     }
+}
+
+/// Configures the fast path for this kernel and attaches its programs in
+/// place of plain `rekey`. After an error no socket enters the sockmap.
+fn start_fast_path(
+    bpf: &mut Ebpf,
+    cgroup: std::os::fd::BorrowedFd<'_>,
+) -> Result<(), InterceptError> {
+    let cfg = super::fast_path::config_for_kernel(Path::new(super::fast_path::KERNEL_BTF))
+        .map_err(|e| ebpf_err("the fast path's kernel offsets")(&e))?;
+    let accel = bpf
+        .map_mut(names::MAP_ACCEL)
+        .ok_or_else(|| ebpf_err("probes")(&"no ACCEL map"))?;
+    let mut accel: Array<&mut MapData, AccelConfig> =
+        Array::try_from(accel).map_err(|e| ebpf_err("ACCEL map")(&e))?;
+    accel
+        .set(0, cfg, 0)
+        .map_err(|e| ebpf_err("writing the ACCEL map")(&e))?;
+    let sockets: SockHash<&MapData, SockKey> = SockHash::try_from(
+        bpf.map(names::MAP_SOCKETS)
+            .ok_or_else(|| ebpf_err("probes")(&"no SOCKETS map"))?,
+    )
+    .map_err(|e| ebpf_err("SOCKETS map")(&e))?;
+    let sockets = sockets
+        .fd()
+        .try_clone()
+        .map_err(|e| ebpf_err("SOCKETS map")(&e))?;
+    let what = |s: &str| format!("{s} program {}", names::SK_MSG);
+    let msg: &mut SkMsg = bpf
+        .program_mut(names::SK_MSG)
+        .ok_or_else(|| ebpf_err(what("finding the"))(&"missing from the object"))?
+        .try_into()
+        .map_err(|e| ebpf_err(what("typing the"))(&e))?;
+    // The verifier refuses reading kernel memory without CAP_PERFMON or
+    // under a confidentiality lockdown: that, like a missing field, leaves
+    // the fast path off.
+    msg.load().map_err(|e| ebpf_err(what("loading the"))(&e))?;
+    msg.attach(&sockets)
+        .map_err(|e| ebpf_err(what("attaching the"))(&e))?;
+    attach_program(bpf, names::SOCKOPS_ACCEL, cgroup)?;
+    Ok(())
 }
 
 fn detach_dir(dir: &Path) -> Result<bool, InterceptError> {

@@ -8,6 +8,14 @@
 //! rows/s), mean and p99 latency, the ratio to direct in the same round, and
 //! the CPU seconds the proxy itself used per 1000 transactions (from
 //! /proc/PID/stat), which is the figure that travels to other machines.
+//!
+//! Run as root, the gateways that pgbench measures are deployed as a
+//! sidecar is: each runs in a cgroup of its own with its probes attached,
+//! and pgbench runs in that cgroup as another uid, connecting to the
+//! database's own address, so the probes bring it to the gateway (with the
+//! fast path between them). Without root they listen for pgbench directly.
+//! The bulk SELECT and COPY and the idle connections reach each gateway's
+//! listener directly either way.
 
 use std::collections::BTreeMap;
 use std::os::unix::process::CommandExt;
@@ -18,6 +26,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 use agentgate_tests::cluster::{wait_port, Options, GW_PASSWORD, GW_USER, PG_BIN, SUPERUSER};
+use agentgate_tests::intercept::TestCgroup;
 use agentgate_tests::Cluster;
 
 use crate::{cargo, exec, root};
@@ -69,12 +78,20 @@ pub struct BenchArgs {
 }
 
 /// One proxy (or none) between pgbench and the database.
-struct Config {
+struct Config<'a> {
     name: &'static str,
+    /// Where clients connect to reach it directly.
     port: u16,
     /// The process whose CPU and memory are measured.
     pid: Option<u32>,
+    /// For a gateway deployed as a sidecar: the agent's cgroup, where
+    /// pgbench runs and connects to the database's own port.
+    agent: Option<&'a TestCgroup>,
 }
+
+/// The uid pgbench runs as inside an agent's cgroup: not the gateway's, so
+/// the probes redirect it.
+const AGENT_UID: u32 = 65534;
 
 struct Proc(Child);
 
@@ -208,8 +225,11 @@ struct Pgbench<'a> {
     log_sample: f64,
 }
 
+/// Runs one pgbench workload against `port`, inside `agent`'s cgroup as
+/// the agent uid when given.
 fn pgbench(
     port: u16,
+    agent: Option<&TestCgroup>,
     w: &Pgbench<'_>,
     seconds: u64,
     logdir: &Path,
@@ -218,7 +238,12 @@ fn pgbench(
         let _ = std::fs::remove_file(e?.path());
     }
     let prefix = logdir.join("tx");
-    let out = Command::new(format!("{PG_BIN}/pgbench"))
+    let program = format!("{PG_BIN}/pgbench");
+    let mut command = match agent {
+        Some(cg) => cg.command(Some(AGENT_UID), &program),
+        None => Command::new(&program),
+    };
+    let out = command
         .args([
             "-n",
             "-h",
@@ -345,18 +370,36 @@ fn proxy_command(program: &Path, callgrind: Option<&Path>) -> Command {
     }
 }
 
+/// Starts a gateway; with `agent`, inside that cgroup intercepting its
+/// connections to the database's port, as a sidecar in the agent's pod.
 fn start_gateway(
     db: &Cluster,
     dir: &Path,
     name: &str,
     policy: &Path,
     callgrind: Option<&Path>,
+    agent: Option<&TestCgroup>,
 ) -> Result<(Proc, u16)> {
     let port = agentgate_tests::free_port();
     let pw = dir.join("pw");
     std::fs::write(&pw, GW_PASSWORD)?;
-    let child = proxy_command(&root().join("target/release/agentgate"), callgrind)
-        .args(["run", "--listen", &format!("127.0.0.1:{port}")])
+    let program = root().join("target/release/agentgate");
+    let mut command = match agent {
+        Some(cg) => {
+            let mut c = cg.command(None, &program.display().to_string());
+            c.args(["run", "--intercept", "ebpf", "--cgroup"])
+                .arg(&cg.path)
+                .args(["--capture-port", &db.port.to_string()]);
+            c
+        }
+        None => {
+            let mut c = proxy_command(&program, callgrind);
+            c.arg("run");
+            c
+        }
+    };
+    let child = command
+        .args(["--listen", &format!("127.0.0.1:{port}")])
         .args(["--upstream", &db.addr(), "--upstream-user", GW_USER])
         .arg("--upstream-password-file")
         .arg(&pw)
@@ -450,6 +493,14 @@ fn start_pgbouncer(db: &Cluster, dir: &Path, callgrind: Option<&Path>) -> Result
 pub fn run(args: BenchArgs) -> Result<()> {
     interrupt::install()?;
     exec(cargo().args(["build", "--release", "-p", "gateway-user"]))?;
+    let sidecar = agentgate_tests::is_root();
+    if sidecar {
+        crate::build_ebpf()?;
+    } else {
+        eprintln!(
+            "bench: not root, so pgbench reaches the gateways directly, without interception"
+        );
+    }
     let db = Cluster::start_with(Options {
         extra_conf: vec![
             format!("max_connections = {}", args.idle + 300),
@@ -495,9 +546,24 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "public.bulk.a, public.bulk.b",
     )?;
     let (all, def) = ("agentgate-allow-all", "agentgate-default");
-    let (gw_all, gw_all_port) = start_gateway(&db, w, all, &allow_all, None)?;
-    let (gw_def, gw_def_port) = start_gateway(&db, w, def, &default, None)?;
-    let (gw_mask, gw_mask_port) = start_gateway(&db, w, "agentgate-masked", &masked, None)?;
+    let agent_all = sidecar.then(|| TestCgroup::new("bench-allow-all"));
+    let agent_def = sidecar.then(|| TestCgroup::new("bench-default"));
+    let (gw_all, gw_all_port) = start_gateway(&db, w, all, &allow_all, None, agent_all.as_ref())?;
+    let (gw_def, gw_def_port) = start_gateway(&db, w, def, &default, None, agent_def.as_ref())?;
+    let (gw_mask, gw_mask_port) = start_gateway(&db, w, "agentgate-masked", &masked, None, None)?;
+    // How pgbench reaches the gateways, for the table's reader: the
+    // gateway warns when the kernel does not allow the fast path.
+    let deployment = if !sidecar {
+        "direct to the gateways' listeners"
+    } else if [all, def]
+        .iter()
+        .any(|g| std::fs::read_to_string(log_path(w, g)).is_ok_and(|l| l.contains("no fast path")))
+    {
+        "intercepted by the probes, over loopback TCP (the kernel refused the fast path)"
+    } else {
+        "intercepted by the probes, with the fast path"
+    };
+    eprintln!("bench: pgbench reaches the gateways {deployment}");
     // The pgbench gateways' audit trails and logs, checked after each run
     // (the masked one's bulk runs are one statement each).
     let mut trails = BTreeMap::from([
@@ -512,26 +578,31 @@ pub fn run(args: BenchArgs) -> Result<()> {
             name: DIRECT,
             port: db.port,
             pid: None,
+            agent: None,
         },
         Config {
             name: PGBOUNCER,
             port: bouncer_port,
             pid: Some(bouncer.0.id()),
+            agent: None,
         },
         Config {
             name: AGENTGATE,
             port: gw_all_port,
             pid: Some(gw_all.0.id()),
+            agent: agent_all.as_ref(),
         },
         Config {
             name: AGENTGATE_DEFAULT,
             port: gw_def_port,
             pid: Some(gw_def.0.id()),
+            agent: agent_def.as_ref(),
         },
         Config {
             name: AGENTGATE_MASKED,
             port: gw_mask_port,
             pid: Some(gw_mask.0.id()),
+            agent: None,
         },
     ];
 
@@ -592,6 +663,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
     ];
     let logdir = w.join("pgbench-logs");
     std::fs::create_dir_all(&logdir)?;
+    if sidecar {
+        // pgbench writes its transaction log here as the agent uid too.
+        std::os::unix::fs::chown(w, Some(AGENT_UID), Some(AGENT_UID))?;
+        std::os::unix::fs::chown(&logdir, Some(AGENT_UID), Some(AGENT_UID))?;
+    }
     let mut runs: Vec<Run> = Vec::new();
     let selected = |name: &str| args.only.as_deref().is_none_or(|o| name.contains(o));
     for wl in workloads.iter().filter(|w| selected(w.name)) {
@@ -604,8 +680,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 }
                 settle()?;
                 let before = c.pid.map(cpu_ticks);
+                // Intercepted, the agent connects to the database's own
+                // address and the probes bring it to the gateway.
+                let port = if c.agent.is_some() { db.port } else { c.port };
                 let (tps, mean, p99, failed, processed) =
-                    pgbench(c.port, wl, args.seconds, &logdir)?;
+                    pgbench(port, c.agent, wl, args.seconds, &logdir)?;
                 let (cpu, audit_cpu) = match (c.pid, before) {
                     (Some(pid), Some(b)) if processed > 0 => {
                         let (cpu, audit) = cpu_per_1000(pid, b, processed);
@@ -712,7 +791,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         };
         let gateway = |name: &'static str, policy: PathBuf| {
             move |out: &Path| -> Result<Started> {
-                let (proc, port) = start_gateway(db, cg, name, &policy, Some(out))?;
+                let (proc, port) = start_gateway(db, cg, name, &policy, Some(out), None)?;
                 Ok((proc, port, None))
             }
         };
@@ -754,6 +833,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let per_idle_kib = with_idle_kib.saturating_sub(before_kib) as f64 / args.idle.max(1) as f64;
 
     let summary = summarise(&runs);
+    println!("pgbench reached the gateways {deployment}.\n");
     print_table(&summary, peak_kib, with_idle_kib, per_idle_kib, args.idle);
     print_instructions(&instructions);
     let verdicts = targets::judge(&runs, (args.idle > 0).then_some(per_idle_kib));
@@ -765,6 +845,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
         .map(|d| d.as_secs())
         .unwrap_or(0);
     drop((bouncer, gw_all, gw_def, gw_mask));
+    // The gateways first, then their cgroups (which detach the probes).
+    drop((agent_all, agent_def));
     // The hot parts on their own (criterion), once the proxies are gone:
     // frame splitting, analysis, the policy decision, masking a DataRow.
     let micro = if args.only.is_none() {
@@ -783,6 +865,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     print_micro(&micro);
     let json = serde_json::json!({
         "machine": machine(),
+        "pgbench_to_gateways": deployment,
         "unix_time": stamp,
         "seconds_per_run": args.seconds,
         "rounds": args.rounds,

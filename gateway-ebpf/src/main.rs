@@ -269,10 +269,13 @@ fn rekey_and_maybe_accelerate(ctx: &SockOpsContext, accel: bool) -> u32 {
         };
         let _ = BY_PEER.remove(&key);
         if accel {
-            // The sockmap drops a closed socket by itself.
+            // The sockmap drops a closed socket by itself. Both directions'
+            // TCP_ONLY entries go: one written after its receiver closed
+            // goes when the writer closes, so none outlives its connection.
             let own = sock_key(ctx);
             let _ = SOCK_ADDR.remove(&own);
             let _ = TCP_ONLY.remove(&own);
+            let _ = TCP_ONLY.remove(&own.peer());
         }
     }
     0

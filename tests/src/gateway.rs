@@ -7,16 +7,31 @@ use std::time::Duration;
 
 use crate::cluster::{Cluster, GW_PASSWORD, GW_USER};
 
+fn target_dir() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| root.join("target"))
+}
+
+/// A built binary, debug or else release, for clean-up that must not panic
+/// (the bench builds only the release one).
+pub fn any_binary() -> Option<PathBuf> {
+    if let Ok(p) = std::env::var("AGENTGATE_BIN") {
+        return Some(PathBuf::from(p));
+    }
+    ["debug", "release"]
+        .iter()
+        .map(|profile| target_dir().join(profile).join("agentgate"))
+        .find(|p| p.exists())
+}
+
 /// Path of the built binary: AGENTGATE_BIN, or the workspace's target dir.
 pub fn binary() -> PathBuf {
     if let Ok(p) = std::env::var("AGENTGATE_BIN") {
         return PathBuf::from(p);
     }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let target = std::env::var("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| root.join("target"));
-    let p = target.join("debug/agentgate");
+    let p = target_dir().join("debug/agentgate");
     assert!(
         p.exists(),
         "{} not built: run `cargo build -p gateway-user` first (`cargo xtask test` does)",

@@ -112,7 +112,14 @@ impl TestCgroup {
 
 impl Drop for TestCgroup {
     fn drop(&mut self) {
-        let _ = self.detach();
+        // Not `detach()`: a drop must not panic, even where no debug binary
+        // was built (the bench's cgroups).
+        if let Some(bin) = crate::gateway::any_binary() {
+            let _ = Command::new(bin)
+                .args(["probes", "detach", "--cgroup"])
+                .arg(&self.path)
+                .output();
+        }
         if let Ok(procs) = std::fs::read_to_string(self.path.join("cgroup.procs")) {
             for pid in procs.split_whitespace() {
                 let _ = Command::new("kill").args(["-9", pid]).status();

@@ -333,20 +333,16 @@ fn accelerate(ctx: &SockOpsContext) {
 pub fn accel_msg(ctx: SkMsgContext) -> u32 {
     let md = ctx.msg;
     // SAFETY: reads of context fields; the verifier checks each offset.
-    let mut peer = unsafe {
-        let v4 = (*md).family == u32::from(AF_INET);
-        let local = core::hint::black_box((*md).local_ip4);
-        let local6 = core::hint::black_box((*md).local_ip6[3]);
-        let remote = core::hint::black_box((*md).remote_ip4);
-        let remote6 = core::hint::black_box((*md).remote_ip6[3]);
+    let own = unsafe {
         SockKey {
             netns: bpf_get_netns_cookie(md as *mut c_void),
-            local_ip4: if v4 { remote } else { remote6 },
-            remote_ip4: if v4 { local } else { local6 },
-            local_port: u32::from_be((*md).remote_port),
-            remote_port: (*md).local_port,
+            local_ip4: ip4_of((*md).family, (*md).local_ip4, (*md).local_ip6[3]),
+            remote_ip4: ip4_of((*md).family, (*md).remote_ip4, (*md).remote_ip6[3]),
+            local_port: (*md).local_port,
+            remote_port: u32::from_be((*md).remote_port),
         }
     };
+    let mut peer = own.peer();
     // SAFETY: map values are plain data.
     if unsafe { TCP_ONLY.get(&peer) }.is_some() {
         return SK_PASS;
@@ -401,23 +397,24 @@ fn room_for(peer: &SockKey, size: u32) -> bool {
 /// address too.
 #[inline(always)]
 fn local_ip4(ctx: &SockOpsContext) -> u32 {
-    // Both fields are read every time: the verifier refuses a context
-    // pointer offset chosen at run time, which a branch would compile to.
-    let v4 = core::hint::black_box(ctx.local_ip4());
-    let v6 = core::hint::black_box(ctx.local_ip6()[3]);
-    if ctx.family() == u32::from(AF_INET) {
-        v4
-    } else {
-        v6
-    }
+    ip4_of(ctx.family(), ctx.local_ip4(), ctx.local_ip6()[3])
 }
 
 /// The remote IPv4 address, as `local_ip4`.
 #[inline(always)]
 fn remote_ip4(ctx: &SockOpsContext) -> u32 {
-    let v4 = core::hint::black_box(ctx.remote_ip4());
-    let v6 = core::hint::black_box(ctx.remote_ip6()[3]);
-    if ctx.family() == u32::from(AF_INET) {
+    ip4_of(ctx.family(), ctx.remote_ip4(), ctx.remote_ip6()[3])
+}
+
+/// The IPv4 address of a socket of `family`: its IPv4 field, or the last
+/// word of its (v4-mapped) IPv6 one.
+#[inline(always)]
+fn ip4_of(family: u32, v4: u32, v6_last: u32) -> u32 {
+    // Both fields are read every time: the verifier refuses a context
+    // pointer offset chosen at run time, which a branch would compile to.
+    let v4 = core::hint::black_box(v4);
+    let v6 = core::hint::black_box(v6_last);
+    if family == u32::from(AF_INET) {
         v4
     } else {
         v6

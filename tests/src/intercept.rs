@@ -83,11 +83,15 @@ impl TestCgroup {
     }
 
     pub fn detach(&self) -> std::process::Output {
-        Command::new(crate::gateway::binary())
+        self.detach_with(&crate::gateway::binary())
+            .expect("run agentgate probes detach")
+    }
+
+    fn detach_with(&self, binary: &std::path::Path) -> std::io::Result<std::process::Output> {
+        Command::new(binary)
             .args(["probes", "detach", "--cgroup"])
             .arg(&self.path)
             .output()
-            .expect("run agentgate probes detach")
     }
 
     /// The directory the probes pin into for this cgroup: the documented
@@ -115,10 +119,7 @@ impl Drop for TestCgroup {
         // Not `detach()`: a drop must not panic, even where no debug binary
         // was built (the bench's cgroups).
         if let Some(bin) = crate::gateway::any_binary() {
-            let _ = Command::new(bin)
-                .args(["probes", "detach", "--cgroup"])
-                .arg(&self.path)
-                .output();
+            let _ = self.detach_with(&bin);
         }
         if let Ok(procs) = std::fs::read_to_string(self.path.join("cgroup.procs")) {
             for pid in procs.split_whitespace() {

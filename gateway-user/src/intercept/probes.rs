@@ -269,8 +269,6 @@ fn attach_program(
 /// die with the sidecar.
 pub struct SidecarProbes {
     _bpf: Ebpf,
-    /// Whether intercepted connections get the socket-level fast path.
-    pub fast_path: bool,
 }
 
 impl SidecarProbes {
@@ -300,10 +298,7 @@ impl SidecarProbes {
         if fast_path {
             tracing::info!("fast path on: intercepted connections skip loopback TCP");
         }
-        Ok(Self {
-            _bpf: bpf,
-            fast_path,
-        })
+        Ok(Self { _bpf: bpf })
     }
 }
 
